@@ -1,0 +1,1 @@
+"""tiermesh tiers: one package per tier, each run with `python -m services.<tier>`."""

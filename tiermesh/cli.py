@@ -1,0 +1,256 @@
+"""`tiermesh`: run the local mesh, manage the model registry, regenerate the contract's stubs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+EPILOG = """examples:
+  tiermesh up                      start store, tiers and Envoy; wait until all are SERVING
+  tiermesh status --json           addresses and health of every component
+  tiermesh embed "What is APR?"    embed a text through Envoy
+  tiermesh logs embedder -f        follow a tier's JSON log
+  tiermesh models list             published model versions
+  tiermesh down                    stop everything gracefully
+
+environment: TIERMESH_HOME (default ./var) holds models, run state and logs; ports come from .env
+and can be overridden by variables of the same name; REDIS_URL uses an existing Redis/Valkey."""
+
+
+def _print_status(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    if not report:
+        print("nothing is running (tiermesh up starts the mesh)")
+        return
+    for name, entry in report.items():
+        addresses = "  ".join(
+            f"{k}={v}" for k, v in entry.items() if k in ("grpc", "admin", "metrics", "url")
+        )
+        print(f"{name:<10} {entry['health']:<12} {addresses}")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tiermesh.runner import Mesh
+
+    started = time.perf_counter()
+    report = Mesh().up(progress=lambda line: print(f"  {line}", flush=True))
+    print(f"mesh is up in {time.perf_counter() - started:.1f}s:")
+    _print_status(report, args.json)
+    envoy = report["envoy"]["grpc"]
+    print(f"\ntry: buf curl --protocol grpc --http2-prior-knowledge --list-services http://{envoy}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from tiermesh.runner import Mesh
+
+    Mesh().down(progress=lambda line: print(f"  {line}"), timeout=args.timeout)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tiermesh.runner import Mesh
+
+    report = Mesh().status()
+    _print_status(report, args.json)
+    healthy = {"SERVING", "LIVE"}
+    return 0 if report and all(e["health"] in healthy for e in report.values()) else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from tiermesh.runner import Mesh
+
+    mesh = Mesh()
+    names = [args.component] if args.component else sorted(p.stem for p in mesh.log_dir.glob("*.log"))
+    paths = [mesh.log_dir / f"{name}.log" for name in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"no log at {', '.join(missing)}", file=sys.stderr)
+        return 1
+    for path in paths:
+        lines = path.read_text(errors="replace").splitlines()[-args.lines :]
+        prefix = f"{path.stem:<9}| " if len(paths) > 1 else ""
+        for line in lines:
+            print(prefix + line)
+    if args.follow:
+        with contextlib.ExitStack() as stack:
+            handles = [(p.stem, stack.enter_context(open(p, errors="replace"))) for p in paths]
+            for _, handle in handles:
+                handle.seek(0, os.SEEK_END)
+            try:
+                while True:
+                    for name, handle in handles:
+                        for line in handle.readlines():
+                            print((f"{name:<9}| " if len(handles) > 1 else "") + line, end="", flush=True)
+                    time.sleep(0.3)
+            except KeyboardInterrupt:
+                return 0
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import grpc
+
+    from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+    from tiermesh.runner import Mesh, read_settings
+
+    target = args.target or Mesh().state().get("envoy", {}).get("grpc")
+    target = target or f"127.0.0.1:{read_settings()['ENVOY_GRPC_PORT']}"
+    with grpc.insecure_channel(target) as channel:
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
+        try:
+            response = stub.EmbedBatch(embedder_pb2.EmbedBatchRequest(texts=args.texts), timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"{error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    model = response.model
+    print(
+        f"model {model.name} {model.version} ({model.digest[:19]}), dimension {response.dimension}, via {target}"
+    )
+    for text, embedding in zip(args.texts, response.embeddings, strict=True):
+        head = ", ".join(f"{v:+.4f}" for v in embedding.values[:5])
+        print(f"  [{head}, ...] tokens={embedding.token_count} cached={embedding.cached}  {text[:60]!r}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from tiermesh.registry import Registry
+
+    registry = Registry()
+    if args.models_command == "prepare":
+        from services.embedder.export import prepare
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        published = prepare(registry, force=args.force)
+        print(f"{published.name} {published.version} {published.digest} at {published.path}")
+        return 0
+    if args.models_command == "show":
+        version = registry.get(args.name, args.version)
+        print(json.dumps(version.metadata, indent=2))
+        return 0
+    rows = []
+    for name in registry.names():
+        latest = registry.latest(name)
+        for version in registry.versions(name):
+            mark = "*" if latest and latest.version == version.version else " "
+            rows.append(
+                (name, mark + version.version, version.metadata.get("created", ""), version.digest[:19])
+            )
+    if not rows:
+        print(f"no models under {registry.root} (tiermesh models prepare publishes them)")
+        return 0
+    print(f"{'NAME':<22}{'VERSION':<10}{'CREATED':<28}DIGEST   (* = latest)")
+    for name, version, created, digest in rows:
+        print(f"{name:<22}{version:<10}{created:<28}{digest}")
+    return 0
+
+
+def cmd_protos(args: argparse.Namespace) -> int:
+    from tiermesh import contract
+
+    if args.protos_command == "check":
+        stale = contract.stale()
+        if stale:
+            print("generated stubs are stale (run: tiermesh protos generate):\n  " + "\n  ".join(stale))
+            return 1
+        print("generated stubs are up to date")
+        return 0
+    for path in contract.generate():
+        print(path)
+    return 0
+
+
+def cmd_envoy(args: argparse.Namespace) -> int:
+    from tiermesh.runner import read_settings, render_envoy
+
+    config = render_envoy(read_settings())
+    if args.output:
+        Path(args.output).write_text(config)
+    else:
+        print(config)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiermesh",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the store, every tier and Envoy; wait until all serve")
+    up.add_argument("--json", action="store_true", help="print the final status as JSON")
+    up.set_defaults(run=cmd_up)
+
+    down = sub.add_parser("down", help="stop everything `up` started (tiers drain first)")
+    down.add_argument("--timeout", type=float, default=20.0, help="seconds before a process is killed")
+    down.set_defaults(run=cmd_down)
+
+    status = sub.add_parser(
+        "status", help="addresses and health of every component (exit 1 if any is unwell)"
+    )
+    status.add_argument("--json", action="store_true", help="print a JSON object")
+    status.set_defaults(run=cmd_status)
+
+    logs = sub.add_parser("logs", help="print (or follow) component logs")
+    logs.add_argument("component", nargs="?", help="store, envoy or a tier name (default: all)")
+    logs.add_argument("-n", "--lines", type=int, default=40, help="lines of history to print")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.set_defaults(run=cmd_logs)
+
+    embed = sub.add_parser("embed", help="embed texts through Envoy and print the vectors' first values")
+    embed.add_argument("texts", nargs="+", help="texts to embed")
+    embed.add_argument("--target", help="host:port to call (default: the running mesh's Envoy)")
+    embed.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    embed.set_defaults(run=cmd_embed)
+
+    models = sub.add_parser("models", help="the local model registry")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_sub.add_parser("list", help="every published version (* marks latest)")
+    show = models_sub.add_parser("show", help="a version's metadata.json")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?", default="latest")
+    prepare = models_sub.add_parser("prepare", help="convert packaged models and publish them (idempotent)")
+    prepare.add_argument("--force", action="store_true", help="export again even if already published")
+    models.set_defaults(run=cmd_models)
+
+    protos = sub.add_parser("protos", help="the generated Python stubs of protos/")
+    protos_sub = protos.add_subparsers(dest="protos_command", required=True, metavar="ACTION")
+    protos_sub.add_parser("generate", help="regenerate tiermesh/<tier>/v1/*_pb2*.py from protos/")
+    protos_sub.add_parser("check", help="exit 1 when the stubs differ from a fresh generation")
+    protos.set_defaults(run=cmd_protos)
+
+    envoy = sub.add_parser("envoy", help="Envoy configuration")
+    envoy_sub = envoy.add_subparsers(dest="envoy_command", required=True, metavar="ACTION")
+    render = envoy_sub.add_parser(
+        "render", help="render envoy/*.tmpl with the ports from .env and the environment"
+    )
+    render.add_argument("-o", "--output", help="write to this file instead of stdout")
+    envoy.set_defaults(run=cmd_envoy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tiermesh.registry import RegistryError
+    from tiermesh.runner import RunnerError
+
+    try:
+        return args.run(args)
+    except (RunnerError, RegistryError) as error:
+        print(f"tiermesh {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

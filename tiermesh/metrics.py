@@ -1,0 +1,36 @@
+"""Prometheus metrics shared by every tier: RPC counts, latency and errors by status code.
+
+Metric names are part of the operator contract (dashboards and alerts use them):
+  tiermesh_rpc_requests_total{tier,method,code,model_version}
+  tiermesh_rpc_latency_seconds{tier,method,model_version}     (histogram)
+  tiermesh_rpc_in_flight{tier,method}
+  tiermesh_model_info{tier,name,version,digest}                (always 1)
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+RPC_REQUESTS = Counter(
+    "tiermesh_rpc_requests", "RPCs handled, by final status code", ["tier", "method", "code", "model_version"]
+)
+RPC_LATENCY = Histogram(
+    "tiermesh_rpc_latency_seconds",
+    "Server-side RPC latency",
+    ["tier", "method", "model_version"],
+    buckets=LATENCY_BUCKETS,
+)
+RPC_IN_FLIGHT = Gauge("tiermesh_rpc_in_flight", "RPCs being handled now", ["tier", "method"])
+MODEL_INFO = Gauge(
+    "tiermesh_model_info", "The model version a tier serves", ["tier", "name", "version", "digest"]
+)
+
+
+def serve_metrics(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """Start the /metrics HTTP endpoint in a daemon thread; port 0 picks a free port."""
+    return start_http_server(port, addr=host)

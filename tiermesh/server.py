@@ -1,0 +1,334 @@
+"""The gRPC bootstrap every tier runs: one call from a tier's `__main__` to a serving process.
+
+`run(...)` loads and validates configuration (a bad variable stops the process with a one-line
+message), configures JSON logs and tracing, and serves the tier:
+
+* the port opens at once with the standard health service reporting NOT_SERVING, so a runner
+  or Envoy can tell "starting" from "dead"; the engine loads, then health flips to SERVING;
+* server reflection lists the tier's services (descriptors of the whole tiermesh contract can be
+  resolved, so any tier answers reflection for calls routed through Envoy);
+* every product RPC passes one interceptor that continues the caller's trace, records Prometheus
+  metrics, turns `tiermesh.errors.RpcError` into its status and an unexpected exception into
+  INTERNAL (logged, never a crash), and answers undecodable requests with INVALID_ARGUMENT
+  naming the field;
+* SIGTERM/SIGINT: health goes NOT_SERVING, new RPCs are refused, in-flight RPCs get the grace
+  period to finish, the engine is closed, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from tiermesh import contract, logs, metrics, telemetry
+from tiermesh.config import ConfigError, load, setting
+from tiermesh.errors import RpcError, explain_undecodable
+
+logger = logging.getLogger(__name__)
+
+ConfigT = TypeVar("ConfigT", bound="ServerConfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Settings every tier has, read with the tier's prefix (e.g. `EMBEDDER_GRPC_PORT`)."""
+
+    grpc_port: int = setting("GRPC_PORT", help="gRPC listen port (0 = any free port)", min=0, max=65535)
+    metrics_port: int = setting("METRICS_PORT", help="Prometheus /metrics port (0 = any)", min=0, max=65535)
+    host: str = setting("HOST", "127.0.0.1", help="address to bind gRPC and metrics to")
+    shutdown_grace_s: float = setting(
+        "SHUTDOWN_GRACE_S", 10.0, help="seconds in-flight RPCs get to finish on SIGTERM", min=0, max=300
+    )
+    max_message_mb: int = setting(
+        "MAX_MESSAGE_MB", 16, help="largest request or response, MiB", min=1, max=512
+    )
+
+
+class Tier(Protocol):
+    """What a tier gives the bootstrap: its services, a servicer to register and an engine."""
+
+    name: str
+    service_names: Sequence[str]
+
+    @property
+    def model_version(self) -> str:
+        """The version label for metrics; empty until the engine is loaded."""
+        ...
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the tier's servicers to the server."""
+
+    async def start(self) -> None:
+        """Load the engine; RPCs before this returns should answer UNAVAILABLE."""
+
+    async def stop(self) -> None:
+        """Release the engine after the server has drained."""
+
+
+class TierServer:
+    """A started gRPC server for one tier, with health, reflection, metrics and tracing."""
+
+    def __init__(self, tier: Tier, config: ServerConfig) -> None:
+        self.tier = tier
+        self.config = config
+        self.port = 0
+        self.metrics_port = 0
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Open the port (health NOT_SERVING) and the metrics endpoint."""
+        contract.load_all()
+        max_bytes = self.config.max_message_mb * 1024 * 1024
+        server = grpc.aio.server(
+            interceptors=[_ObservingInterceptor(self.tier)],
+            options=[
+                ("grpc.so_reuseport", 0),  # a port already in use must fail, not be shared
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+            ],
+        )
+        self.tier.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for service in ("", *self.tier.service_names):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            [*self.tier.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        await server.start()
+        self._server = server
+        self._metrics_http, _ = metrics.serve_metrics(self.config.host, self.config.metrics_port)
+        self.metrics_port = self._metrics_http.server_port
+        logger.info(
+            "%s listening on %s (metrics on :%d), loading engine",
+            self.tier.name,
+            self.address,
+            self.metrics_port,
+            extra={"fields": {"grpc_port": self.port, "metrics_port": self.metrics_port}},
+        )
+
+    async def load(self) -> None:
+        """Load the engine, then report SERVING."""
+        started = time.perf_counter()
+        await self.tier.start()
+        for service in ("", *self.tier.service_names):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "%s SERVING model version %s after %.1fs",
+            self.tier.name,
+            self.tier.model_version,
+            time.perf_counter() - started,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new RPCs, let in-flight ones finish within the grace period, close the engine."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.tier.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        logger.info("%s stopped", self.tier.name)
+
+
+async def serve(tier: Tier, config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    server = TierServer(tier, config)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    loading = asyncio.create_task(server.load())
+    stop_wait = asyncio.create_task(stopping.wait())
+    await asyncio.wait({loading, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if loading.done() and loading.exception() is not None:
+        logger.error(
+            "%s failed to load its engine: %s", tier.name, loading.exception(), exc_info=loading.exception()
+        )
+        exit_code = 1
+    elif not stopping.is_set():
+        await stop_wait
+    if not loading.done():
+        loading.cancel()
+    logger.info(
+        "%s shutting down: draining in-flight calls for up to %.0fs", tier.name, config.shutdown_grace_s
+    )
+    await server.stop()
+    return exit_code
+
+
+def run(name: str, config_class: type[ConfigT], build: Callable[[ConfigT], Tier]) -> None:
+    """Process entry point of a tier: configure from the environment, serve, exit."""
+    prefix = name.upper() + "_"
+    try:
+        config = load(config_class, prefix=prefix)
+        telemetry_config = load(telemetry.TelemetryConfig, prefix="TIERMESH_")
+        logs.configure(f"tiermesh-{name}", telemetry_config.log_level)
+        telemetry.configure(f"tiermesh-{name}", telemetry_config)
+    except ConfigError as error:
+        print(f"tiermesh-{name}: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(asyncio.run(serve(build(config), config)))
+
+
+# -- the interceptor ---------------------------------------------------------------------------
+
+
+class _Undecodable:
+    """Stands in for a request that failed to decode, carrying the explanation."""
+
+    def __init__(self, explanation: str) -> None:
+        self.explanation = explanation
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    message_class = getattr(deserializer, "__self__", None)
+    if deserializer is None or message_class is None:
+        return deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Undecodable(explain_undecodable(message_class, data))
+
+    return deserialize
+
+
+class _Observation:
+    """Span, latency and status bookkeeping for one server-side RPC."""
+
+    def __init__(self, tier: Tier, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.tier = tier
+        self.method = method
+        self.code = grpc.StatusCode.OK
+        parent = telemetry.extract_context(context.invocation_metadata())
+        self.span = trace.get_tracer("tiermesh.server").start_span(
+            method.lstrip("/"), context=parent, kind=trace.SpanKind.SERVER
+        )
+        self.span.set_attribute("rpc.system", "grpc")
+        self.span.set_attribute("tiermesh.tier", tier.name)
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        self._started = time.perf_counter()
+        metrics.RPC_IN_FLIGHT.labels(tier.name, method).inc()
+
+    async def fail(self, context: grpc.aio.ServicerContext, error: BaseException) -> None:
+        """Map an exception to a status, abort the RPC with it (raises AbortError)."""
+        if isinstance(error, RpcError):
+            self.code, detail = error.code, str(error)
+        else:
+            self.code = grpc.StatusCode.INTERNAL
+            trace_id = format(self.span.get_span_context().trace_id, "032x")
+            detail = f"internal error in {self.tier.name} (trace {trace_id})"
+            logger.error("unexpected error in %s: %r", self.method, error, exc_info=error)
+        await context.abort(self.code, detail)
+
+    def finish(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            self.code = grpc.StatusCode.CANCELLED
+        elif isinstance(error, grpc.aio.AbortError) and self.code == grpc.StatusCode.OK:
+            self.code = context.code() or grpc.StatusCode.UNKNOWN  # the servicer aborted by itself
+        version = self.tier.model_version
+        metrics.RPC_IN_FLIGHT.labels(self.tier.name, self.method).dec()
+        metrics.RPC_REQUESTS.labels(self.tier.name, self.method, self.code.name, version).inc()
+        metrics.RPC_LATENCY.labels(self.tier.name, self.method, version).observe(
+            time.perf_counter() - self._started
+        )
+        self.span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+        if version:
+            self.span.set_attribute("tiermesh.model_version", version)
+        if self.code != grpc.StatusCode.OK:
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, self.code.name))
+        otel_context.detach(self._token)
+        self.span.end()
+
+
+class _ObservingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, tier: Tier) -> None:
+        self.tier = tier
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc.") or handler.request_streaming:
+            return handler
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, method),
+                request_deserializer=_lenient(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(handler.unary_unary, method),
+            request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.explanation)
+            observation = _Observation(self.tier, method, context)
+            error: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError) as raised:
+                error = raised
+                raise
+            except Exception as raised:
+                error = raised
+                await observation.fail(context, raised)
+            finally:
+                observation.finish(context, error)
+
+        return observed
+
+    def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):
+            raise TypeError(f"{method}: streaming handlers must be async generators")
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.explanation)
+            observation = _Observation(self.tier, method, context)
+            error: BaseException | None = None
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit) as raised:
+                error = raised
+                raise
+            except Exception as raised:
+                error = raised
+                await observation.fail(context, raised)
+            finally:
+                observation.finish(context, error)
+
+        return observed
