@@ -112,9 +112,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
             print(f"{error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     model = response.model
-    print(
-        f"model {model.name} {model.version} ({model.digest[:19]}), dimension {response.dimension}, via {target}"
-    )
+    print(f"model {model.name} {model.version} ({model.digest[:19]}), dimension {response.dimension}")
+    print(f"via {target}")
     for text, embedding in zip(args.texts, response.embeddings, strict=True):
         head = ", ".join(f"{v:+.4f}" for v in embedding.values[:5])
         print(f"  [{head}, ...] tokens={embedding.token_count} cached={embedding.cached}  {text[:60]!r}")

@@ -191,9 +191,16 @@ def _pid_alive(pid: int, marker: str) -> bool:
     return marker in cmdline and state != "Z"
 
 
+def _reap(pid: int) -> None:
+    """Collect the exit status when the process is our own child (in-process use, tests)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
 def stop_process(pid: int, marker: str, *, timeout: float) -> bool:
     """SIGTERM the process group, wait, SIGKILL what is left. True when it stopped gracefully."""
     if not _pid_alive(pid, marker):
+        _reap(pid)
         return True
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -202,10 +209,12 @@ def stop_process(pid: int, marker: str, *, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _pid_alive(pid, marker):
+            _reap(pid)
             return True
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+    _reap(pid)
     return False
 
 

@@ -35,6 +35,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from tiermesh import contract, logs, metrics, telemetry
+from tiermesh.common.v1 import common_pb2
 from tiermesh.config import ConfigError, load, setting
 from tiermesh.errors import RpcError, explain_undecodable
 
@@ -65,8 +66,8 @@ class Tier(Protocol):
     service_names: Sequence[str]
 
     @property
-    def model_version(self) -> str:
-        """The version label for metrics; empty until the engine is loaded."""
+    def model(self) -> common_pb2.ModelInfo:
+        """The model being served; empty until the engine is loaded (labels metrics and spans)."""
         ...
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -136,10 +137,13 @@ class TierServer:
         await self.tier.start()
         for service in ("", *self.tier.service_names):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        model = self.tier.model
+        metrics.MODEL_INFO.labels(self.tier.name, model.name, model.version, model.digest).set(1)
         logger.info(
-            "%s SERVING model version %s after %.1fs",
+            "%s SERVING model %s version %s after %.1fs",
             self.tier.name,
-            self.tier.model_version,
+            model.name,
+            model.version,
             time.perf_counter() - started,
         )
 
@@ -255,7 +259,7 @@ class _Observation:
             self.code = grpc.StatusCode.CANCELLED
         elif isinstance(error, grpc.aio.AbortError) and self.code == grpc.StatusCode.OK:
             self.code = context.code() or grpc.StatusCode.UNKNOWN  # the servicer aborted by itself
-        version = self.tier.model_version
+        version = self.tier.model.version
         metrics.RPC_IN_FLIGHT.labels(self.tier.name, self.method).dec()
         metrics.RPC_REQUESTS.labels(self.tier.name, self.method, self.code.name, version).inc()
         metrics.RPC_LATENCY.labels(self.tier.name, self.method, version).observe(

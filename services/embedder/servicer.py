@@ -29,13 +29,9 @@ class EmbedderTier(embedder_pb2_grpc.EmbedderServiceServicer):
         self.engine: EmbeddingEngine | None = None
         self.batcher: MicroBatcher[str, Embedded] | None = None
         self.cache: EmbeddingCache | None = None
-        self.model_info = common_pb2.ModelInfo()
+        self.model = common_pb2.ModelInfo()
 
     # -- lifecycle (tiermesh.server.Tier) --------------------------------------------------------
-
-    @property
-    def model_version(self) -> str:
-        return self.model_info.version
 
     def register(self, server: grpc.aio.Server) -> None:
         embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(self, server)
@@ -59,7 +55,7 @@ class EmbedderTier(embedder_pb2_grpc.EmbedderServiceServicer):
                 model_version=model.version,
                 model_digest=model.digest,
             )
-        self.model_info = common_pb2.ModelInfo(name=model.name, version=model.version, digest=model.digest)
+        self.model = common_pb2.ModelInfo(name=model.name, version=model.version, digest=model.digest)
 
     async def stop(self) -> None:
         if self.batcher is not None:
@@ -75,7 +71,7 @@ class EmbedderTier(embedder_pb2_grpc.EmbedderServiceServicer):
         self._check_version(request.model_version)
         check_text(request.text, "text", max_chars=self.config.max_text_chars)
         (embedded,) = await self._embed([request.text])
-        return embedder_pb2.EmbedResponse(embedding=embedded, model=self.model_info)
+        return embedder_pb2.EmbedResponse(embedding=embedded, model=self.model)
 
     async def EmbedBatch(self, request: embedder_pb2.EmbedBatchRequest, context: grpc.aio.ServicerContext):
         self._check_version(request.model_version)
@@ -85,7 +81,7 @@ class EmbedderTier(embedder_pb2_grpc.EmbedderServiceServicer):
         embeddings = await self._embed(request.texts)
         assert self.engine is not None
         return embedder_pb2.EmbedBatchResponse(
-            embeddings=embeddings, model=self.model_info, dimension=self.engine.dimension
+            embeddings=embeddings, model=self.model, dimension=self.engine.dimension
         )
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -93,10 +89,8 @@ class EmbedderTier(embedder_pb2_grpc.EmbedderServiceServicer):
     def _check_version(self, wanted: str) -> None:
         if self.engine is None:
             raise Unavailable("embedder is still loading its model")
-        if wanted and wanted != self.model_info.version:
-            raise InvalidArgument(
-                "model_version", f"this tier serves {self.model_info.version!r}, not {wanted!r}"
-            )
+        if wanted and wanted != self.model.version:
+            raise InvalidArgument("model_version", f"this tier serves {self.model.version!r}, not {wanted!r}")
 
     async def _embed(self, texts: Sequence[str]) -> list[embedder_pb2.Embedding]:
         assert self.batcher is not None

@@ -1,0 +1,33 @@
+"""Fixtures shared by every test folder (tests/ and services/*/tests/)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_SPANS = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="session")
+def spans() -> InMemorySpanExporter:
+    """Spans finished in this process (the global tracer provider is set once per session)."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_SPANS))
+        trace.set_tracer_provider(provider)
+    return _SPANS
+
+
+@pytest.fixture(scope="session")
+def embedding_model():
+    """The published embedding model (exported once by set-up; exported here if missing)."""
+    from services.embedder.export import prepare
+    from tiermesh.registry import Registry
+
+    return prepare(Registry())

