@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from tiermesh import contract
@@ -19,8 +20,8 @@ SERVICES = {
 
 
 def _buf() -> str:
-    local = contract.REPO_ROOT / "node_modules" / ".bin" / "buf"
-    found = str(local) if local.exists() else shutil.which("buf")
+    beside_python = Path(sys.executable).parent / "buf"  # the buf-bin wheel in the virtualenv
+    found = str(beside_python) if beside_python.exists() else shutil.which("buf")
     assert found, "buf is not installed: run the README's test command (scripts/test.sh), which installs it"
     return found
 

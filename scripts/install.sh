@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install everything tiermesh needs into ./.venv and publish the converted models.
+# Safe to re-run: it does nothing when pyproject.toml and the models are unchanged.
+#   scripts/install.sh          runtime packages + models
+#   scripts/install.sh --dev    also the test and code-generation tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+venv=.venv
+python_bin=${PYTHON:-python3.11}
+command -v "$python_bin" >/dev/null 2>&1 || python_bin=python3
+export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+"$python_bin" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null \
+  || die "tiermesh needs Python 3.11 (found: $("$python_bin" --version 2>&1)); set PYTHON=/path/to/python3.11"
+
+if [[ ! -x $venv/bin/python ]]; then
+  say "creating virtual environment $venv"
+  if ! "$python_bin" -m venv "$venv" 2>/dev/null; then
+    # Debian ships venv separately from the interpreter.
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+      rm -rf "$venv" && "$python_bin" -m venv "$venv"
+    else
+      die "python3 -m venv failed: install Debian's python3-venv package (sudo apt-get install python3-venv)"
+    fi
+  fi
+fi
+
+stamp=$venv/.tiermesh-installed$([[ -n $extras ]] && echo -dev || true)
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  say "installing packages (first time: a few minutes)"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: anything unpinned would pull several GB of CUDA wheels.
+  if ! "$venv/bin/python" -m pip install -q "torch==2.13.0"; then
+    die "torch==2.13.0 (CPU build) was not found. It is published on PyTorch's own CPU package index;
+add that index to your pip configuration (pip config set global.extra-index-url <PyTorch CPU index URL>)
+and run this again. The set-up never falls back to a CUDA build."
+  fi
+  "$venv/bin/python" -m pip install -q -e ".$extras"
+  echo "$want" > "$stamp"
+else
+  say "packages are up to date"
+fi
+
+say "preparing models (converted once, then reused)"
+"$venv/bin/tiermesh" models prepare

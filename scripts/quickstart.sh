@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's first command: install everything, start the mesh, answer a demo call end to end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh
+printf '\033[1m==> starting the mesh\033[0m\n'
+.venv/bin/tiermesh up
+printf '\033[1m==> demo: embedding a question through Envoy\033[0m\n'
+.venv/bin/tiermesh embed "Can I afford a \$25,000 car loan on \$4,000 a month?"
+cat <<'TIP'
+
+The mesh keeps running. Next:
+  .venv/bin/tiermesh status            health and addresses
+  .venv/bin/buf curl --protocol grpc --http2-prior-knowledge --list-services http://127.0.0.1:8080
+  .venv/bin/tiermesh down              stop it
+TIP
