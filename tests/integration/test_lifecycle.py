@@ -1,16 +1,18 @@
 """Process lifecycle: fail-fast configuration, graceful drain on SIGTERM, up/down."""
 
+import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.runner import Mesh, grpc_health
+from tiermesh.runner import grpc_health
 from tiermesh.testing import free_port, mesh_environ
 
 pytestmark = pytest.mark.integration
@@ -73,17 +75,62 @@ def test_sigterm_drains_in_flight_calls_then_exits(tmp_path, embedding_model):
             process.kill()
 
 
-def test_up_then_down_leaves_nothing_running(tmp_path, embedding_model):
-    mesh = Mesh(mesh_environ(tmp_path))
-    status = mesh.up(progress=lambda _line: None)
-    pids = [status[name]["pid"] for name in ("store", "envoy", "embedder")]
-    assert mesh.running()
-    assert mesh.up(progress=lambda _line: None).keys() == status.keys()  # a second up is a no-op
-    mesh.down(progress=lambda _line: None)
-    assert not mesh.running() and mesh.status() == {}
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            import os
+def _running(pid: int) -> bool:
+    """True unless the process is gone or a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
-            os.kill(pid, 0)
-    assert grpc_health(status["envoy"]["grpc"], SERVICE, timeout=0.5) == "UNAVAILABLE"
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tiermesh.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embedding_model):
+    env = mesh_environ(tmp_path)
+    up = _cli(env, "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "mesh is up" in up.stdout
+    try:
+        time.sleep(1.5)  # Envoy dies with its parent unless the runner supervises it
+        status = _cli(env, "status", "--json")
+        assert status.returncode == 0, status.stdout
+        report = json.loads(status.stdout)
+        assert {name: entry["health"] for name, entry in report.items()} == {
+            "store": "SERVING",
+            "embedder": "SERVING",
+            "envoy": "LIVE",
+        }
+        again = _cli(env, "up")
+        assert again.returncode == 0 and "already running" in again.stdout
+    finally:
+        down = _cli(env, "down")
+    assert down.returncode == 0, down.stderr
+    for name in ("embedder", "envoy", "store"):
+        assert f"{name}: stopped" in down.stdout
+    for name, entry in report.items():
+        assert not _running(entry["pid"]), f"{name} still runs after down"
+    assert grpc_health(report["envoy"]["grpc"], SERVICE, timeout=0.5) == "UNAVAILABLE"
+    assert _cli(env, "status").returncode == 1
+
+
+def test_a_model_that_cannot_load_stops_the_tier_with_a_clear_error(tmp_path, embedding_model):
+    env = mesh_environ(tmp_path, EMBEDDER_MODEL_VERSION="9.9.9")
+    result = subprocess.run(
+        [sys.executable, "-m", "services.embedder"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "model 'all-minilm-l6-v2' has no version '9.9.9'" in result.stderr

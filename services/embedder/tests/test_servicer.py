@@ -160,3 +160,23 @@ async def test_unavailable_until_the_engine_is_loaded(embedding_model):
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(grace=0)
+
+
+async def test_kit_channels_send_the_current_trace_downstream(server, spans):
+    from opentelemetry import trace
+
+    from tiermesh.telemetry import channel
+
+    spans.clear()
+    with trace.get_tracer("test").start_as_current_span("upstream tier") as parent:
+        async with channel(server.address) as downstream:
+            await embedder_pb2_grpc.EmbedderServiceStub(downstream).Embed(
+                embedder_pb2.EmbedRequest(text="hop")
+            )
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    client, served = finished[f"{SERVICE}/Embed"], None
+    served = [s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.SERVER][-1]
+    client = [s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.CLIENT][-1]
+    assert client.parent.span_id == parent.get_span_context().span_id
+    assert served.parent.span_id == client.context.span_id
+    assert served.context.trace_id == parent.get_span_context().trace_id
