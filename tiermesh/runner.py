@@ -30,7 +30,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tiermesh.contract import REPO_ROOT
-from tiermesh.registry import home, models_root
+from tiermesh.registry import home
 
 logger = logging.getLogger(__name__)
 
@@ -293,9 +293,7 @@ class Mesh:
             **self.environ,
             **s,
             "TIERMESH_HOME": str(self.home),
-            "TIERMESH_MODELS": str(
-                models_root() if "TIERMESH_MODELS" not in self.environ else self.environ["TIERMESH_MODELS"]
-            ),
+            "TIERMESH_MODELS": self.environ.get("TIERMESH_MODELS") or str(self.home / "models"),
             "TIERMESH_TRACES_FILE": self.environ.get(
                 "TIERMESH_TRACES_FILE", str(self.run_dir / "traces.jsonl")
             ),
