@@ -21,8 +21,20 @@ class EmbedderConfig(ServerConfig):
     max_batch_size: int = setting(
         "MAX_BATCH_SIZE", 64, help="texts per model call when batching", min=1, max=4096
     )
+    # 0: a batch starts as soon as the engine is free; under load, requests queue while the
+    # previous batch runs, so batches form without making a lone query wait.
     max_wait_ms: float = setting(
-        "MAX_WAIT_MS", 2.0, help="how long the first text waits for others to join its batch", min=0, max=1000
+        "MAX_WAIT_MS", 0.0, help="how long the first text waits for others to join its batch", min=0, max=1000
+    )
+    spin_wait: bool = setting(
+        "SPIN_WAIT", False, help="let ONNX Runtime threads spin between ops (only on dedicated cores)"
+    )
+    token_budget: int = setting(
+        "TOKEN_BUDGET",
+        64,
+        help="padded tokens per ONNX call: batches are cut by length",
+        min=1,
+        max=1_000_000,
     )
     max_texts: int = setting(
         "MAX_TEXTS", 256, help="texts accepted in one EmbedBatch request", min=1, max=100_000

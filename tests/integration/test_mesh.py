@@ -97,13 +97,13 @@ def test_repeated_text_is_served_from_the_store_cache(stub):
     np.testing.assert_allclose(first.embedding.values, second.embedding.values, atol=1e-6)
 
 
-def test_metrics_endpoint_counts_calls(stub, mesh):
+def test_metrics_endpoint_counts_calls(stub, mesh, embedding_model):
     _, status = mesh
     stub.Embed(embedder_pb2.EmbedRequest(text="metrics probe"), timeout=5)
     with urllib.request.urlopen(f"http://{status['embedder']['metrics']}/metrics", timeout=5) as response:
         body = response.read().decode()
     assert (
-        f'tiermesh_rpc_requests_total{{code="OK",method="/{SERVICE}/Embed",model_version="1.0.0",tier="embedder"}}'
+        f'tiermesh_rpc_requests_total{{code="OK",method="/{SERVICE}/Embed",model_version="{embedding_model.version}",tier="embedder"}}'
         in body
     )
     assert 'tiermesh_model_info{digest="sha256:' in body
@@ -121,9 +121,11 @@ def test_one_trace_from_client_through_envoy_to_the_tier(stub, mesh):
     assert ours[0]["parent_span_id"] == "00f067aa0ba902b7" and ours[0]["service"] == "tiermesh-embedder"
 
 
-def test_logs_are_json_lines(mesh):
+def test_logs_are_json_lines(mesh, embedding_model):
     running, _ = mesh
     lines = (running.log_dir / "embedder.log").read_text().splitlines()
     entries = [json.loads(line) for line in lines if line.startswith("{")]
-    assert any("SERVING model all-minilm-l6-v2 version 1.0.0" in e["msg"] for e in entries)
+    assert any(
+        f"SERVING model all-minilm-l6-v2 version {embedding_model.version}" in e["msg"] for e in entries
+    )
     assert all({"ts", "level", "service", "msg"} <= set(e) for e in entries)

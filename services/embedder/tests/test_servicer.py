@@ -105,7 +105,7 @@ async def test_reflection_lists_the_service(server):
     assert SERVICE in names and "grpc.health.v1.Health" in names
 
 
-async def test_metrics_count_calls_by_status_code(stub, server):
+async def test_metrics_count_calls_by_status_code(stub, server, embedding_model):
     import urllib.request
 
     with pytest.raises(grpc.aio.AioRpcError):
@@ -116,13 +116,13 @@ async def test_metrics_count_calls_by_status_code(stub, server):
     method = f"/{SERVICE}/Embed"
     for code in ("OK", "INVALID_ARGUMENT"):
         assert (
-            f'tiermesh_rpc_requests_total{{code="{code}",method="{method}",model_version="1.0.0",tier="embedder"}}'
+            f'tiermesh_rpc_requests_total{{code="{code}",method="{method}",model_version="{embedding_model.version}",tier="embedder"}}'
             in body
         )
     assert "tiermesh_rpc_latency_seconds_bucket" in body and "tiermesh_batch_size_bucket" in body
 
 
-async def test_a_call_continues_the_callers_trace(stub, spans):
+async def test_a_call_continues_the_callers_trace(stub, spans, embedding_model):
     from opentelemetry import trace
 
     tracer = trace.get_tracer("test")
@@ -135,7 +135,7 @@ async def test_a_call_continues_the_callers_trace(stub, spans):
     assert server_spans, [s.name for s in spans.get_finished_spans()]
     assert server_spans[-1].context.trace_id == parent.get_span_context().trace_id
     assert server_spans[-1].parent.span_id == parent.get_span_context().span_id
-    assert server_spans[-1].attributes["tiermesh.model_version"] == "1.0.0"
+    assert server_spans[-1].attributes["tiermesh.model_version"] == embedding_model.version
 
 
 async def test_unavailable_until_the_engine_is_loaded(embedding_model):
