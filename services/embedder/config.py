@@ -26,8 +26,11 @@ class EmbedderConfig(ServerConfig):
     max_wait_ms: float = setting(
         "MAX_WAIT_MS", 0.0, help="how long the first text waits for others to join its batch", min=0, max=1000
     )
-    spin_wait: bool = setting(
-        "SPIN_WAIT", False, help="let ONNX Runtime threads spin between ops (only on dedicated cores)"
+    spin_wait: str = setting(
+        "SPIN_WAIT",
+        "bulk",
+        help="ONNX Runtime threads spin between calls: off, bulk (batches of several calls) or on",
+        choices=("off", "bulk", "on"),
     )
     token_budget: int = setting(
         "TOKEN_BUDGET",
