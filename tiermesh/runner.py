@@ -81,12 +81,10 @@ def read_settings(environ: Mapping[str, str] | None = None, env_file: Path = ENV
             if not sep:
                 raise RunnerError(f"{env_file}:{number}: expected KEY=VALUE, got {line!r}")
             values[key.strip()] = value.strip()
-    for key in list(values):
-        if environ.get(key):
-            values[key] = environ[key]
+    prefixes = ("ENVOY_", "STORE_", "TIERS_", *(tier.prefix for tier in TIERS))
     for key, value in environ.items():
-        if key.startswith(("ENVOY_", "STORE_", "REDIS_URL")) or any(key.startswith(t.prefix) for t in TIERS):
-            values.setdefault(key, value)
+        if value and (key in values or key.startswith(prefixes)):
+            values[key] = value
     return values
 
 
