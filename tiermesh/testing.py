@@ -1,17 +1,20 @@
-"""Helpers for tests and benchmarks: free ports, a tier in-process on port 0, a whole mesh on
-free loopback ports as real processes."""
+"""Helpers for tests and benchmarks: free ports, a tier in-process on port 0, one tier or the
+whole mesh as real processes on free loopback ports."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from tiermesh.registry import models_root
-from tiermesh.runner import TIERS, Mesh
+from tiermesh.runner import TIERS, Mesh, TierSpec, grpc_health
 from tiermesh.server import ServerConfig, Tier, TierServer
 
 
@@ -42,6 +45,35 @@ def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
         environ[f"{tier.prefix}METRICS_PORT"] = str(free_port())
     environ.update(overrides)
     return environ
+
+
+@contextlib.contextmanager
+def tier_process(
+    tier: TierSpec, home: Path, *, timeout: float = 120.0, **overrides: str
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run one tier as a real process on free ports until it reports SERVING.
+
+    Yields the process (stderr piped, text) and its gRPC address; kills it on exit if the test
+    did not stop it.
+    """
+    environ = mesh_environ(home, **overrides)
+    address = f"127.0.0.1:{environ[f'{tier.prefix}GRPC_PORT']}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", tier.module], env=environ, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while grpc_health(address, tier.service) != "SERVING":
+            if process.poll() is not None:
+                raise RuntimeError(f"{tier.name} exited during start-up: {process.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{tier.name} not SERVING after {timeout:.0f}s")
+            time.sleep(0.1)
+        yield process, address
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 @contextlib.contextmanager

@@ -12,11 +12,12 @@ import grpc
 import pytest
 
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.runner import grpc_health
-from tiermesh.testing import free_port, mesh_environ
+from tiermesh.runner import TIERS, grpc_health
+from tiermesh.testing import mesh_environ, tier_process
 
 pytestmark = pytest.mark.integration
-SERVICE = "tiermesh.embedder.v1.EmbedderService"
+EMBEDDER = next(tier for tier in TIERS if tier.name == "embedder")
+SERVICE = EMBEDDER.service
 
 
 def _run_embedder(env: dict) -> subprocess.CompletedProcess:
@@ -41,21 +42,12 @@ def test_bad_environment_variable_stops_start_up_with_one_line(tmp_path):
 
 
 def test_sigterm_drains_in_flight_calls_then_exits(tmp_path, embedding_model):
-    port = free_port()
     # A generous grace period: the test is about draining, not about how fast this host is.
-    env = mesh_environ(
-        tmp_path, EMBEDDER_GRPC_PORT=str(port), EMBEDDER_MAX_BATCH_SIZE="8", EMBEDDER_SHUTDOWN_GRACE_S="180"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.embedder"], env=env, stderr=subprocess.PIPE, text=True
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while grpc_health(address, SERVICE) != "SERVING":
-            assert process.poll() is None and time.monotonic() < deadline, "embedder did not start"
-            time.sleep(0.1)
-        # A call that takes a few seconds: many long texts in small batches.
+    with tier_process(EMBEDDER, tmp_path, EMBEDDER_MAX_BATCH_SIZE="8", EMBEDDER_SHUTDOWN_GRACE_S="180") as (
+        process,
+        address,
+    ):
+        # A call that takes a while: many long texts in small batches.
         texts = [f"{i} " + "loan repayment schedule " * 60 for i in range(200)]
         result: dict = {}
 
@@ -78,9 +70,6 @@ def test_sigterm_drains_in_flight_calls_then_exits(tmp_path, embedding_model):
         assert result["finished"] > signalled, "the call finished before SIGTERM; the test proved nothing"
         assert process.wait(30) == 0
         assert "draining in-flight calls" in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
 
 
 def _running(pid: int) -> bool:
