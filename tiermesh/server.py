@@ -36,7 +36,7 @@ from opentelemetry import trace
 
 from tiermesh import contract, logs, metrics, telemetry
 from tiermesh.common.v1 import common_pb2
-from tiermesh.config import ConfigError, load, setting
+from tiermesh.config import ConfigError, describe, load, setting
 from tiermesh.errors import RpcError, explain_undecodable
 
 logger = logging.getLogger(__name__)
@@ -191,6 +191,13 @@ async def serve(tier: Tier, config: ServerConfig) -> int:
 def run(name: str, config_class: type[ConfigT], build: Callable[[ConfigT], Tier]) -> None:
     """Process entry point of a tier: configure from the environment, serve, exit."""
     prefix = name.upper() + "_"
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(f"python -m services.{name}: serve the {name} tier.\n")
+        print("Configured only by environment variables (a bad value stops start-up):\n")
+        rows = describe(config_class, prefix=prefix) + describe(telemetry.TelemetryConfig, prefix="TIERMESH_")
+        for variable, default, meaning in rows:
+            print(f"  {variable:<30} {default:<20} {meaning}")
+        raise SystemExit(0)
     try:
         config = load(config_class, prefix=prefix)
         telemetry_config = load(telemetry.TelemetryConfig, prefix="TIERMESH_")

@@ -119,6 +119,26 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embeddi
     assert _cli(env, "status").returncode == 1
 
 
+def test_help_lists_every_setting_without_starting(tmp_path):
+    env = mesh_environ(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.embedder", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for variable in (
+        "EMBEDDER_GRPC_PORT",
+        "EMBEDDER_TOKEN_BUDGET",
+        "EMBEDDER_SPIN_WAIT",
+        "TIERMESH_TRACES_EXPORTER",
+    ):
+        assert variable in result.stdout
+    assert grpc_health(f"127.0.0.1:{env['EMBEDDER_GRPC_PORT']}", SERVICE, timeout=0.5) == "UNAVAILABLE"
+
+
 def test_a_model_that_cannot_load_stops_the_tier_with_a_clear_error(tmp_path, embedding_model):
     env = mesh_environ(tmp_path, EMBEDDER_MODEL_VERSION="9.9.9")
     result = _run_embedder(env)
