@@ -31,3 +31,12 @@ def embedding_model():
     from tiermesh.registry import Registry
 
     return prepare(Registry())
+
+
+@pytest.fixture(scope="session")
+def knowledge_index(embedding_model):
+    """The shipped knowledge base's index, live in the registry (built by set-up; built here if missing)."""
+    from services.retriever.manage import prepare
+    from tiermesh.registry import Registry
+
+    return prepare(Registry())

@@ -16,6 +16,9 @@ EPILOG = """examples:
   tiermesh status --json           addresses and health of every component
   tiermesh embed "What is APR?"    embed a text through Envoy
   tiermesh logs embedder -f        follow a tier's JSON log
+  tiermesh search "Can I repay my car loan early?"   ask the retriever through Envoy
+  tiermesh index build             build a new index version of the knowledge base
+  tiermesh index publish VERSION   make it live on every retriever replica (hot swap)
   tiermesh models list             published model versions
   tiermesh down                    stop everything gracefully
 
@@ -40,6 +43,9 @@ def _print_status(report: dict, as_json: bool) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from tiermesh.runner import Mesh
 
+    for item in args.replicas:
+        tier, _, count = item.partition("=")
+        os.environ[f"{tier.strip().upper()}_REPLICAS"] = count.strip()
     started = time.perf_counter()
     report = Mesh().up(progress=lambda line: print(f"  {line}", flush=True))
     print(f"mesh is up in {time.perf_counter() - started:.1f}s:")
@@ -130,6 +136,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         published = prepare(registry, force=args.force)
         print(f"{published.name} {published.version} {published.digest} at {published.path}")
+        from services.retriever import manage
+
+        index = manage.prepare(registry)
+        print(f"{index.name} {index.version} {index.digest} at {index.path}")
         return 0
     if args.models_command == "show":
         version = registry.get(args.name, args.version)
@@ -146,9 +156,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no models under {registry.root} (tiermesh models prepare publishes them)")
         return 0
-    print(f"{'NAME':<22}{'VERSION':<10}{'CREATED':<28}DIGEST   (* = latest)")
+    print(f"{'NAME':<22}{'VERSION':<15}{'CREATED':<31}DIGEST   (* = latest)")
     for name, version, created, digest in rows:
-        print(f"{name:<22}{version:<10}{created:<28}{digest}")
+        print(f"{name:<22}{version:<15}{created:<31}{digest}")
     return 0
 
 
@@ -189,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the store, every tier and Envoy; wait until all serve")
     up.add_argument("--json", action="store_true", help="print the final status as JSON")
+    up.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="TIER=N",
+        help="processes for a tier, e.g. retriever=2 (default: <TIER>_REPLICAS in .env)",
+    )
     up.set_defaults(run=cmd_up)
 
     down = sub.add_parser("down", help="stop everything `up` started (tiers drain first)")
@@ -219,9 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = models_sub.add_parser("show", help="a version's metadata.json")
     show.add_argument("name")
     show.add_argument("version", nargs="?", default="latest")
-    prepare = models_sub.add_parser("prepare", help="convert packaged models and publish them (idempotent)")
+    prepare = models_sub.add_parser(
+        "prepare", help="convert packaged models, build the demo index, publish them (idempotent)"
+    )
     prepare.add_argument("--force", action="store_true", help="export again even if already published")
     models.set_defaults(run=cmd_models)
+
+    from services.retriever.cli import add_commands as add_retriever_commands
+
+    add_retriever_commands(sub)
 
     protos = sub.add_parser("protos", help="the generated Python stubs of protos/")
     protos_sub = protos.add_subparsers(dest="protos_command", required=True, metavar="ACTION")

@@ -37,6 +37,12 @@ class Unavailable(RpcError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class FailedPrecondition(RpcError):
+    """The request is valid but the system is not in a state to answer it (e.g. version mismatch)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DeadlineExceeded(RpcError):
     """The caller's deadline passed before the work finished."""
 

@@ -5,6 +5,8 @@ Metric names are part of the operator contract (dashboards and alerts use them):
   tiermesh_rpc_latency_seconds{tier,method,model_version}     (histogram)
   tiermesh_rpc_in_flight{tier,method}
   tiermesh_model_info{tier,name,version,digest}                (always 1)
+  tiermesh_model_swaps_total{tier,name,outcome}                 (hot swaps: success / failed)
+  tiermesh_model_swap_seconds{tier,name}                        (load + check of a new version)
 """
 
 from __future__ import annotations
@@ -30,7 +32,22 @@ MODEL_INFO = Gauge(
     "tiermesh_model_info", "The model version a tier serves", ["tier", "name", "version", "digest"]
 )
 
+SWAPS = Counter("tiermesh_model_swaps", "Hot swaps to a new version, by outcome", ["tier", "name", "outcome"])
+SWAP_SECONDS = Histogram(
+    "tiermesh_model_swap_seconds",
+    "Time to load and check a new version before swapping it in",
+    ["tier", "name"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+
 
 def serve_metrics(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
     """Start the /metrics HTTP endpoint in a daemon thread; port 0 picks a free port."""
     return start_http_server(port, addr=host)
+
+
+def set_model_info(tier: str, name: str, version: str, digest: str) -> None:
+    """Record the version a tier serves, forgetting the one it served before (hot swaps)."""
+    for labels in [s.labels for s in next(iter(MODEL_INFO.collect())).samples if s.labels["tier"] == tier]:
+        MODEL_INFO.remove(labels["tier"], labels["name"], labels["version"], labels["digest"])
+    MODEL_INFO.labels(tier, name, version, digest).set(1)

@@ -2,8 +2,12 @@
 
 Layout under `$TIERMESH_MODELS` (default `$TIERMESH_HOME/models`, i.e. `./var/models`):
 
-    <name>/<semver>/            the artifacts and metadata.json (never modified once published)
-    <name>/latest -> <semver>   a symlink, swapped atomically
+    <name>/<version>/           the artifacts and metadata.json (never modified once published)
+    <name>/latest -> <version>  a symlink, swapped atomically
+    <name>/history.json         the versions `latest` pointed to, newest last (for rollback)
+
+A version is MAJOR.MINOR.PATCH (models), or the first 12 hex digits of its content digest
+(content-named artifacts such as retriever indexes: equal content, equal name).
 
 A publish copies the artifacts into a hidden temporary folder, writes metadata.json (name,
 version, created, source, sha256 of every file and of the whole version, metrics, previous
@@ -27,7 +31,9 @@ from typing import Any
 
 METADATA = "metadata.json"
 LATEST = "latest"
+HISTORY = "history.json"
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+_CONTENT_NAME = re.compile(r"^[0-9a-f]{12}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
@@ -51,6 +57,13 @@ def _semver_key(version: str) -> tuple[int, int, int]:
         raise RegistryError(f"version {version!r} is not MAJOR.MINOR.PATCH")
     major, minor, patch = (int(part) for part in match.groups())
     return major, minor, patch
+
+
+def _version_key(version: ModelVersion) -> tuple:
+    """Semantic versions in numeric order; content-named versions in order of creation."""
+    if _SEMVER.match(version.version):
+        return (0, _semver_key(version.version))
+    return (1, version.metadata.get("created", ""), version.version)
 
 
 def file_sha256(path: Path) -> str:
@@ -121,9 +134,12 @@ class Registry:
         found = [
             self._read(name, p.name)
             for p in folder.iterdir()
-            if p.is_dir() and not p.is_symlink() and _SEMVER.match(p.name)
+            if p.is_dir()
+            and not p.is_symlink()
+            and (_SEMVER.match(p.name) or _CONTENT_NAME.match(p.name))
+            and (p / METADATA).is_file()
         ]
-        return sorted(found, key=lambda v: _semver_key(v.version))
+        return sorted(found, key=_version_key)
 
     def latest(self, name: str) -> ModelVersion | None:
         pointer = self.root / name / LATEST
@@ -160,6 +176,7 @@ class Registry:
         source: Path,
         *,
         version: str | None = None,
+        content_named: bool = False,
         origin: dict[str, Any] | None = None,
         parameters: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
@@ -169,7 +186,8 @@ class Registry:
         """Publish the files under `source` as a new immutable version of `name`.
 
         Without `version` the next patch version is used; content equal to the current latest
-        publishes nothing and returns the latest.
+        publishes nothing and returns the latest. With `content_named` the version is named by
+        the content digest, and publishing content that exists already returns that version.
         """
         if not _NAME.match(name):
             raise RegistryError(f"model name {name!r}: use lowercase letters, digits, '.', '_' and '-'")
@@ -178,13 +196,18 @@ class Registry:
             raise RegistryError(f"{source}: no artifact files to publish")
         digest = tree_digest(files)
         current = self.latest(name)
-        if version is None and current is not None and current.digest == digest:
+        if content_named:
+            version = digest.removeprefix("sha256:")[:12]
+            if (self.root / name / version / METADATA).is_file():
+                return self._read(name, version)
+        elif version is None and current is not None and current.digest == digest:
             return current
         existing = self.versions(name)
         if version is None:
             major, minor, patch = _semver_key(existing[-1].version) if existing else (1, 0, -1)
             version = f"{major}.{minor}.{patch + 1}"
-        _semver_key(version)
+        if not content_named:
+            _semver_key(version)
         if any(v.version == version for v in existing):
             raise RegistryError(f"{name} {version} is already published; versions are immutable")
 
@@ -197,7 +220,7 @@ class Registry:
             metadata = {
                 "name": name,
                 "version": version,
-                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
                 "source": origin or {},
                 "sha256": digest,
                 "files": files,
@@ -217,7 +240,38 @@ class Registry:
         return self._read(name, version)
 
     def set_latest(self, name: str, version: str) -> ModelVersion:
-        """Point `latest` at an already published version (rollback is this, too)."""
+        """Point `latest` at an already published version and remember it for rollback."""
+        target = self._point(name, version)
+        history = self.history(name)
+        if not history or history[-1] != version:
+            self._write_history(name, [*history, version])
+        return target
+
+    def rollback(self, name: str) -> ModelVersion:
+        """Point `latest` back at the version it pointed to before the current one."""
+        history = self.history(name)
+        current = self.latest(name)
+        while history and current is not None and history[-1] != current.version:
+            history.pop()  # `latest` was moved by hand; forget what came after it
+        if len(history) < 2:
+            raise RegistryError(f"{name}: no earlier version to roll back to")
+        target = self._point(name, history[-2])
+        self._write_history(name, history[:-1])
+        return target
+
+    def history(self, name: str) -> list[str]:
+        """The versions `latest` has pointed to, oldest first (rolled-back ones removed)."""
+        try:
+            return list(json.loads((self.root / name / HISTORY).read_text()))
+        except (OSError, ValueError):
+            return []
+
+    def _write_history(self, name: str, versions: list[str]) -> None:
+        temporary = self.root / name / f".history-{uuid.uuid4().hex[:8]}"
+        temporary.write_text(json.dumps(versions) + "\n")
+        os.replace(temporary, self.root / name / HISTORY)
+
+    def _point(self, name: str, version: str) -> ModelVersion:
         target = self.get(name, version)
         pointer = self.root / name / LATEST
         temporary = self.root / name / f".latest-{uuid.uuid4().hex[:8]}"

@@ -65,7 +65,34 @@ class TierSpec:
 
 
 # The front tier (health/reflection through Envoy without a header) comes first.
-TIERS: tuple[TierSpec, ...] = (TierSpec("embedder", "tiermesh.embedder.v1.EmbedderService"),)
+TIERS: tuple[TierSpec, ...] = (
+    TierSpec("embedder", "tiermesh.embedder.v1.EmbedderService"),
+    TierSpec("retriever", "tiermesh.retriever.v1.RetrieverService"),
+)
+
+
+def replicas(settings: Mapping[str, str], tier: TierSpec) -> int:
+    """How many processes serve `tier` (`<TIER>_REPLICAS`, default 1)."""
+    raw = settings.get(f"{tier.prefix}REPLICAS", "1")
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 16:
+        raise RunnerError(f"{tier.prefix}REPLICAS: expected 1 to 16, got {raw!r}")
+    return count
+
+
+def replica_ports(settings: Mapping[str, str], tier: TierSpec, kind: str = "GRPC") -> list[int]:
+    """Replica i listens on `<TIER>_<KIND>_PORT` + i."""
+    key = f"{tier.prefix}{kind}_PORT"
+    if not settings.get(key):
+        raise RunnerError(f"{key}: required to run the {tier.name} tier")
+    return [int(settings[key]) + i for i in range(replicas(settings, tier))]
+
+
+def replica_name(tier: TierSpec, index: int) -> str:
+    return tier.name if index == 0 else f"{tier.name}-{index + 1}"
 
 
 def read_settings(environ: Mapping[str, str] | None = None, env_file: Path = ENV_FILE) -> dict[str, str]:
@@ -103,15 +130,16 @@ def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIER
     host = settings.get("TIERS_HOST", "127.0.0.1")
     routes, clusters = [], []
     for tier in tiers:
-        port = settings.get(f"{tier.prefix}GRPC_PORT")
-        if not port:
-            raise RunnerError(f"{tier.prefix}GRPC_PORT: required to route to the {tier.name} tier")
+        tier_host = settings.get(f"{tier.prefix}ROUTE_HOST", host)
+        endpoints = "\n".join(
+            f"- endpoint: {{ address: {{ socket_address: {{ address: {tier_host}, port_value: {port} }} }} }}"
+            for port in replica_ports(settings, tier)
+        )
         values = {
             "TIER": tier.name,
             "PACKAGE": tier.package,
             "SERVICE": tier.service,
-            "PORT": port,
-            "HOST": settings.get(f"{tier.prefix}ROUTE_HOST", host),
+            "ENDPOINTS": textwrap.indent(endpoints, " " * 10).lstrip(),
         }
         routes.append(fill("route.yaml.tmpl", values))
         clusters.append(fill("cluster.yaml.tmpl", values))
@@ -298,20 +326,32 @@ class Mesh:
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        envoy_address = f"127.0.0.1:{s['ENVOY_GRPC_PORT']}"
         for tier in tiers:
-            env = {
-                **base_env,
-                f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
-            }
-            argv = [sys.executable, "-m", tier.module]
-            state[tier.name] = {
-                **self._spawn(tier.name, argv, env, tier.module),
-                "grpc": f"127.0.0.1:{s[f'{tier.prefix}GRPC_PORT']}",
-                "metrics": f"127.0.0.1:{s[f'{tier.prefix}METRICS_PORT']}",
-                "service": tier.service,
-            }
-            self._save(state)
-            progress(f"{tier.name}: started (pid {state[tier.name]['pid']}), loading its model")
+            grpc_ports = replica_ports(s, tier)
+            for index, (grpc_port, metrics_port) in enumerate(
+                zip(grpc_ports, replica_ports(s, tier, "METRICS"), strict=True)
+            ):
+                name = replica_name(tier, index)
+                env = {
+                    **base_env,
+                    # each tier finds the others through Envoy, and the store for caches/announcements
+                    f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
+                    f"{tier.prefix}STORE_URL": self.environ.get(f"{tier.prefix}STORE_URL", store_url),
+                    **({f"{tier.prefix}EMBEDDER_TARGET": envoy_address} if tier.name != "embedder" else {}),
+                    f"{tier.prefix}GRPC_PORT": str(grpc_port),
+                    f"{tier.prefix}METRICS_PORT": str(metrics_port),
+                    "TIERMESH_REPLICA": name,
+                }
+                argv = [sys.executable, "-m", tier.module]
+                state[name] = {
+                    **self._spawn(name, argv, env, tier.module),
+                    "grpc": f"127.0.0.1:{grpc_port}",
+                    "metrics": f"127.0.0.1:{metrics_port}",
+                    "service": tier.service,
+                }
+                self._save(state)
+                progress(f"{name}: started (pid {state[name]['pid']}), loading its model")
 
         config_path = self.run_dir / "envoy.yaml"
         config_path.write_text(render_envoy(s, tiers))
@@ -369,21 +409,23 @@ class Mesh:
         )
         progress(f"envoy: listening on {state['envoy']['grpc']} (admin {state['envoy']['admin']})")
         for tier in tiers:
-            component = state[tier.name]
-            wait_until(
-                lambda c=component, t=tier: grpc_health(c["grpc"], t.service) == "SERVING",
-                timeout=tier.load_timeout_s,
-                what=tier.name,
-                alive=alive(tier.name),
-            )
+            for index in range(replicas(s, tier)):
+                name = replica_name(tier, index)
+                component = state[name]
+                wait_until(
+                    lambda c=component, t=tier: grpc_health(c["grpc"], t.service) == "SERVING",
+                    timeout=tier.load_timeout_s,
+                    what=name,
+                    alive=alive(name),
+                )
+                progress(
+                    f"{name}: SERVING at {component['grpc']} (metrics http://{component['metrics']}/metrics)"
+                )
             wait_until(
                 lambda t=tier: grpc_health(state["envoy"]["grpc"], t.service, tier=t.name) == "SERVING",
                 timeout=15,
                 what=f"{tier.name} through envoy",
                 alive=alive("envoy"),
-            )
-            progress(
-                f"{tier.name}: SERVING at {component['grpc']} (metrics http://{component['metrics']}/metrics)"
             )
         return self.status()
 

@@ -138,7 +138,7 @@ class TierServer:
         for service in ("", *self.tier.service_names):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         model = self.tier.model
-        metrics.MODEL_INFO.labels(self.tier.name, model.name, model.version, model.digest).set(1)
+        metrics.set_model_info(self.tier.name, model.name, model.version, model.digest)
         logger.info(
             "%s SERVING model %s version %s after %.1fs",
             self.tier.name,

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tiermesh.registry import models_root
-from tiermesh.runner import TIERS, Mesh, TierSpec, grpc_health
+from tiermesh.registry import ModelVersion, Registry, models_root
+from tiermesh.runner import TIERS, Mesh, TierSpec, grpc_health, read_settings, replicas
 from tiermesh.server import ServerConfig, Tier, TierServer
 
 
@@ -23,6 +23,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive TCP ports that were free on 127.0.0.1 a moment ago."""
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
@@ -40,10 +57,13 @@ def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
     }
     environ.pop("REDIS_URL", None)
-    for tier in TIERS:
-        environ[f"{tier.prefix}GRPC_PORT"] = str(free_port())
-        environ[f"{tier.prefix}METRICS_PORT"] = str(free_port())
     environ.update(overrides)
+    for tier in TIERS:
+        count = replicas({**read_settings(environ), **environ}, tier)
+        environ.setdefault(f"{tier.prefix}REPLICAS", str(count))
+        for kind in ("GRPC", "METRICS"):
+            if f"{tier.prefix}{kind}_PORT" not in overrides:
+                environ[f"{tier.prefix}{kind}_PORT"] = str(free_ports(count))
     return environ
 
 
@@ -102,3 +122,17 @@ def tier_config(config_class: type, **values: Any) -> Any:
     """A tier config with free-port defaults for tests; keyword arguments override fields."""
     defaults: Mapping[str, Any] = {"grpc_port": 0, "metrics_port": 0}
     return config_class(**{**defaults, **values})
+
+
+def scratch_registry(root: Path, *models: ModelVersion) -> Registry:
+    """A registry of its own under `root` that serves `models` (linked, not copied) as latest.
+
+    Whatever a test publishes there (indexes, other versions) leaves the real registry untouched.
+    """
+    registry = Registry(root)
+    for model in models:
+        folder = root / model.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / model.version).symlink_to(model.path, target_is_directory=True)
+        registry.set_latest(model.name, model.version)
+    return registry

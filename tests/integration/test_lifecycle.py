@@ -91,9 +91,9 @@ def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embedding_model):
+def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embedding_model, knowledge_index):
     env = mesh_environ(tmp_path)
-    up = _cli(env, "up")
+    up = _cli(env, "up", "--replicas", "retriever=1")
     assert up.returncode == 0, up.stdout + up.stderr
     assert "mesh is up" in up.stdout
     try:
@@ -104,6 +104,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embeddi
         assert {name: entry["health"] for name, entry in report.items()} == {
             "store": "SERVING",
             "embedder": "SERVING",
+            "retriever": "SERVING",
             "envoy": "LIVE",
         }
         again = _cli(env, "up")
@@ -111,7 +112,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embeddi
     finally:
         down = _cli(env, "down")
     assert down.returncode == 0, down.stderr
-    for name in ("embedder", "envoy", "store"):
+    for name in ("embedder", "retriever", "envoy", "store"):
         assert f"{name}: stopped" in down.stdout
     for name, entry in report.items():
         assert not _running(entry["pid"]), f"{name} still runs after down"

@@ -71,7 +71,7 @@ def test_failed_publish_leaves_nothing_visible(registry, tmp_path, monkeypatch):
         registry.publish("demo", _artifacts(tmp_path / "b", "two"))
     assert [v.version for v in registry.versions("demo")] == ["1.0.0"]
     assert registry.latest("demo").version == "1.0.0"
-    assert sorted(p.name for p in (registry.root / "demo").iterdir()) == ["1.0.0", "latest"]
+    assert sorted(p.name for p in (registry.root / "demo").iterdir()) == ["1.0.0", "history.json", "latest"]
 
 
 def test_unknown_model_and_version_are_clear_errors(registry, tmp_path):
@@ -86,3 +86,31 @@ def test_unknown_model_and_version_are_clear_errors(registry, tmp_path):
 def test_rejects_bad_names_and_versions(registry, tmp_path, name, version):
     with pytest.raises(RegistryError):
         registry.publish(name, _artifacts(tmp_path / "a", "one"), version=version)
+
+
+def test_content_named_versions_are_named_by_digest_and_deduplicated(registry, tmp_path):
+    first = registry.publish("idx", _artifacts(tmp_path / "a", "one"), content_named=True, make_latest=False)
+    assert first.version == first.digest.removeprefix("sha256:")[:12]
+    assert registry.latest("idx") is None
+    again = registry.publish("idx", _artifacts(tmp_path / "b", "one"), content_named=True)
+    assert again.version == first.version and len(registry.versions("idx")) == 1
+    other = registry.publish("idx", _artifacts(tmp_path / "c", "two"), content_named=True)
+    assert [v.version for v in registry.versions("idx")] == [first.version, other.version]
+
+
+def test_rollback_walks_back_through_published_versions(registry, tmp_path):
+    versions = [
+        registry.publish("idx", _artifacts(tmp_path / str(i), str(i)), content_named=True, make_latest=False)
+        for i in range(3)
+    ]
+    a, b, c = (v.version for v in versions)
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback("idx")
+    for version in (a, b, c):
+        registry.set_latest("idx", version)
+    assert registry.history("idx") == [a, b, c]
+    assert registry.rollback("idx").version == b and registry.latest("idx").version == b
+    assert registry.rollback("idx").version == a  # not back to c
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback("idx")
+    assert registry.latest("idx").version == a
