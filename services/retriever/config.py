@@ -16,12 +16,6 @@ class RetrieverConfig(ServerConfig):
     index_version: str = setting(
         "INDEX_VERSION", "latest", help="index version to serve; 'latest' follows publishes (hot swap)"
     )
-    embedder_model: str = setting(
-        "EMBEDDER_MODEL", "all-minilm-l6-v2", help="registry name of the embedder model indexes must match"
-    )
-    embedder_version: str = setting(
-        "EMBEDDER_VERSION", "latest", help="embedder version the embedder tier serves; others are refused"
-    )
     embedder_target: str = setting(
         "EMBEDDER_TARGET", "127.0.0.1:8080", help="gRPC address that answers EmbedderService (Envoy)"
     )

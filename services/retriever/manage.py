@@ -23,6 +23,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
+from services.embedder.config import served_model
 from services.retriever import corpus
 from services.retriever.config import INDEX_NAME
 from services.retriever.index import IndexArtifactError, LoadedIndex, Recall, measure_recall, write_artifact
@@ -31,7 +32,6 @@ from tiermesh.registry import ModelVersion, Registry, RegistryError, file_sha256
 
 logger = logging.getLogger(__name__)
 
-EMBEDDER_NAME = "all-minilm-l6-v2"
 RECALL_K = 5
 RECALL_THRESHOLD = 0.95
 EMBED_CHUNK = 256
@@ -40,14 +40,6 @@ VALIDATIONS = "validations"
 
 class PublishRefused(Exception):
     """Publishing was refused; the message says why and how to proceed."""
-
-
-def serving_embedder(registry: Registry) -> ModelVersion:
-    """The embedder version the mesh serves (`EMBEDDER_MODEL_VERSION`, default latest)."""
-    return registry.get(
-        os.environ.get("EMBEDDER_MODEL") or EMBEDDER_NAME,
-        os.environ.get("EMBEDDER_MODEL_VERSION") or "latest",
-    )
 
 
 def embed_texts(texts: Sequence[str], embedder: ModelVersion, *, desc: str = "embedding") -> np.ndarray:
@@ -78,7 +70,7 @@ def build(
     passages = corpus.load(corpus_path)
     if kind == "auto":  # exact search is fast enough below ~50k vectors
         kind = "flat" if len(passages) < 50_000 else "ivf"
-    embedder = serving_embedder(registry)
+    embedder = served_model(registry)
     texts = [f"{p.title}\n{p.text}" if p.title else p.text for p in passages]
     vectors = embed_texts(texts, embedder, desc=f"embedding {len(passages)} passages")
     version, seconds = write_artifact(
@@ -174,7 +166,7 @@ def publish(
 ) -> ModelVersion:
     """Make a validated version live: move `latest`, then announce it to every replica."""
     model = registry.get(name, version)
-    embedder = serving_embedder(registry)
+    embedder = served_model(registry)
     built_with = model.metadata["parameters"]["embedder"]
     if built_with["digest"] != embedder.digest:
         raise PublishRefused(
@@ -276,7 +268,7 @@ def versions_table(registry: Registry, name: str = INDEX_NAME) -> list[dict[str,
 def prepare(registry: Registry, *, name: str = INDEX_NAME) -> ModelVersion:
     """Set-up: build, validate and publish the shipped knowledge base unless a usable index is live."""
     live = registry.latest(name)
-    embedder = serving_embedder(registry)
+    embedder = served_model(registry)
     if live is not None and live.metadata["parameters"]["embedder"]["digest"] == embedder.digest:
         return live
     version = build(registry, name=name)

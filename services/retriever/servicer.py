@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 
+from services.embedder.config import served_model
 from services.retriever.config import RetrieverConfig
 from services.retriever.engine import IndexEngine
 from services.retriever.index import LoadedIndex
@@ -77,7 +78,8 @@ class RetrieverTier(retriever_pb2_grpc.RetrieverServiceServicer):
             self.follower.start(listen=bool(self.config.store_url))
 
     async def _load(self, version: ModelVersion) -> None:
-        embedder = self.registry.get(self.config.embedder_model, self.config.embedder_version)
+        # Indexes must come from the vectors the embedder tier serves (EMBEDDER_MODEL[_VERSION]).
+        embedder = served_model(self.registry)
         await self.engine.load(version, embedder=embedder)
         model = self.model
         metrics.set_model_info(self.name, model.name, model.version, model.digest)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -65,6 +66,21 @@ def test_filters_and_bad_input_through_envoy(mesh):
             )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "vector.values: has 12 values; the index dimension is 384" in raised.value.details()
+
+
+def test_metrics_describe_the_serving_index(mesh, knowledge_index):
+    _, status = mesh
+    stub_for(status["envoy"]["grpc"])[1].Search(retriever_pb2.SearchRequest(text="What is APR?"), timeout=10)
+    texts = []
+    for name in ("retriever", "retriever-2"):
+        with urllib.request.urlopen(f"http://{status[name]['metrics']}/metrics", timeout=5) as response:
+            texts.append(text := response.read().decode())
+        count = knowledge_index.metadata["parameters"]["count"]
+        assert f'tiermesh_retriever_vectors{{index="loan-kb"}} {count:.1f}' in text
+        assert 'tiermesh_retriever_index_memory_bytes{index="loan-kb"}' in text
+        assert f'version="{knowledge_index.version}"' in text and "tiermesh_model_info{" in text
+        assert "tiermesh_model_swaps_total" in text
+    assert any('tiermesh_retriever_search_seconds_count{index="loan-kb",kind="flat"}' in t for t in texts)
 
 
 # -- hot swap ------------------------------------------------------------------------------------
