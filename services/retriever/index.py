@@ -23,6 +23,7 @@ import mmap
 import os
 import tempfile
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,8 @@ class _PassageStore:
                 f"{PASSAGES_FILE} is {size} bytes, its offsets say {int(self.offsets[-1])}"
             )
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        # After a hot swap the old version is closed when its last search lets go of it.
+        self._closer = weakref.finalize(self, _close, self._map, self._file)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -269,9 +272,13 @@ class _PassageStore:
         return Passage.from_json(json.loads(self._map[start:end]))
 
     def close(self) -> None:
-        if isinstance(self._map, mmap.mmap):
-            self._map.close()
-        self._file.close()
+        self._closer()
+
+
+def _close(mapped: mmap.mmap | bytes, handle: Any) -> None:
+    if isinstance(mapped, mmap.mmap):
+        mapped.close()
+    handle.close()
 
 
 class LoadedIndex:
