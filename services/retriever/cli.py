@@ -41,7 +41,9 @@ def add_commands(sub: Any) -> None:
     )
     build.add_argument("--kind", choices=("auto", "flat", "ivf"), default="auto", help="auto: flat below 50k")
     build.add_argument("--nlist", type=int, help="IVF lists (default ~4*sqrt(N))")
-    build.add_argument("--nprobe", type=int, default=16, help="IVF lists scanned by default (default 16)")
+    build.add_argument(
+        "--nprobe", type=int, help="IVF lists a search scans by default (default: max(16, nlist/128))"
+    )
 
     validate = actions.add_parser("validate", help="recall@k against exact search on held-out queries")
     validate.add_argument("version", help="version to validate ('latest' works)")

@@ -64,7 +64,7 @@ def build(
     name: str = INDEX_NAME,
     kind: str = "auto",
     nlist: int | None = None,
-    nprobe: int = 16,
+    nprobe: int | None = None,
 ) -> ModelVersion:
     """Embed and index a corpus; returns the new (or identical existing) version, not yet live."""
     passages = corpus.load(corpus_path)

@@ -9,6 +9,7 @@ stream, so they are held out from the passages.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import random
@@ -245,5 +246,12 @@ def embedded(
 
 
 def cache_path(kind: str, count: int, seed: int, model: ModelVersion) -> Path:
-    """Where `embedded` keeps the vectors of a synthetic corpus (or its queries) for a model."""
-    return home() / "synthetic" / f"{kind}-{count}-seed{seed}-{model.name}-{model.digest[7:19]}.npy"
+    """Where `embedded` keeps the vectors of a synthetic corpus (or its queries) for a model.
+
+    The name carries a fingerprint of the generator's output, so changing the templates never
+    reuses vectors of other texts.
+    """
+    sample = [p["text"] for p in passages(64, seed=seed)] if kind == "passages" else queries(64, seed=seed)
+    generator = hashlib.sha256("\n".join(sample).encode()).hexdigest()[:8]
+    name = f"{kind}-{count}-seed{seed}-gen{generator}-{model.name}-{model.digest[7:19]}.npy"
+    return home() / "synthetic" / name

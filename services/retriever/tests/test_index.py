@@ -13,6 +13,7 @@ from services.retriever.index import (
     IndexArtifactError,
     LoadedIndex,
     default_nlist,
+    default_nprobe,
     measure_recall,
 )
 from services.retriever.tests.conftest import artifact, clustered
@@ -22,6 +23,10 @@ def test_default_nlist_follows_four_sqrt_n_with_enough_training_points():
     assert default_nlist(1_000_000) == 4000
     assert default_nlist(2000) == 51  # 4*sqrt(2000)=179 lists would have <39 points each
     assert default_nlist(10) == 1
+
+
+def test_default_nprobe_grows_with_nlist_within_bounds():
+    assert [default_nprobe(n) for n in (8, 1265, 4000, 16384)] == [8, 16, 31, 128]
 
 
 def test_ivf_artifact_round_trip(scratch_registry, embedding_model):
@@ -46,6 +51,13 @@ def test_the_same_content_gives_the_same_version(scratch_registry, embedding_mod
     first, _ = artifact(scratch_registry, embedding_model, kind="flat")
     again, _ = artifact(scratch_registry, embedding_model, kind="flat")
     assert first.version == again.version and len(scratch_registry.versions("test-index")) == 1
+
+
+def test_another_default_nprobe_is_another_version(scratch_registry, embedding_model):
+    first, _ = artifact(scratch_registry, embedding_model, nprobe=4)
+    second, _ = artifact(scratch_registry, embedding_model, nprobe=8)
+    assert first.version != second.version
+    assert [LoadedIndex(v, max_nprobe=64).default_nprobe for v in (first, second)] == [4, 8]
 
 
 def test_metadata_filter_returns_only_matching_passages(scratch_registry, embedding_model):
