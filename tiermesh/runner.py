@@ -68,6 +68,8 @@ class TierSpec:
 TIERS: tuple[TierSpec, ...] = (
     TierSpec("embedder", "tiermesh.embedder.v1.EmbedderService"),
     TierSpec("retriever", "tiermesh.retriever.v1.RetrieverService"),
+    # vLLM's engine processes start in ~40 s on 2 cores (then a warm-up generation).
+    TierSpec("llm", "tiermesh.llm.v1.LlmService", load_timeout_s=300.0),
 )
 
 

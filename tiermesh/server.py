@@ -112,6 +112,8 @@ class TierServer:
             ],
         )
         self.tier.register(server)
+        if hasattr(self.tier, "report_serving"):  # tiers whose engine can die under them
+            self.tier.report_serving = self.report_serving
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in ("", *self.tier.service_names):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -131,12 +133,20 @@ class TierServer:
             extra={"fields": {"grpc_port": self.port, "metrics_port": self.metrics_port}},
         )
 
+    async def report_serving(self, serving: bool) -> None:
+        """Set every service's health: a tier calls this with False when its engine fails, so
+        Envoy and the runner stop sending it traffic instead of letting calls hang."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", *self.tier.service_names):
+            await self.health.set(service, status)
+
     async def load(self) -> None:
         """Load the engine, then report SERVING."""
         started = time.perf_counter()
         await self.tier.start()
-        for service in ("", *self.tier.service_names):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.report_serving(True)
         model = self.tier.model
         metrics.set_model_info(self.tier.name, model.name, model.version, model.digest)
         logger.info(

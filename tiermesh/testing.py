@@ -97,11 +97,14 @@ def tier_process(
 
 
 @contextlib.contextmanager
-def running_mesh(home: Path, **overrides: str) -> Iterator[tuple[Mesh, dict[str, Any]]]:
-    """Start a mesh on free ports; yields it and its status; always stops it."""
+def running_mesh(
+    home: Path, *, tiers: tuple[TierSpec, ...] = TIERS, **overrides: str
+) -> Iterator[tuple[Mesh, dict[str, Any]]]:
+    """Start a mesh (every tier, or just `tiers`) on free ports; yields it and its status; always
+    stops it."""
     mesh = Mesh(mesh_environ(home, **overrides))
     try:
-        yield mesh, mesh.up(progress=lambda _line: None)
+        yield mesh, mesh.up(tiers=tiers, progress=lambda _line: None)
     finally:
         mesh.down(progress=lambda _line: None)
 
@@ -122,6 +125,11 @@ def tier_config(config_class: type, **values: Any) -> Any:
     """A tier config with free-port defaults for tests; keyword arguments override fields."""
     defaults: Mapping[str, Any] = {"grpc_port": 0, "metrics_port": 0}
     return config_class(**{**defaults, **values})
+
+
+def without_llm() -> tuple[TierSpec, ...]:
+    """Every tier but the llm (whose engine takes ~40 s to start), for tests that do not use it."""
+    return tuple(tier for tier in TIERS if tier.name != "llm")
 
 
 def scratch_registry(root: Path, *models: ModelVersion) -> Registry:

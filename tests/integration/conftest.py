@@ -3,8 +3,9 @@ import pytest
 from tiermesh.testing import running_mesh
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory, embedding_model, knowledge_index):
-    """A real mesh (valkey-server, Envoy, the embedder, two retriever replicas) on free loopback ports."""
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory, embedding_model, knowledge_index, language_model):
+    """A real mesh (valkey-server, Envoy, the embedder, two retriever replicas, the llm) on free
+    loopback ports, shared by the modules that only call it (starting vLLM takes ~40 s)."""
     with running_mesh(tmp_path_factory.mktemp("mesh")) as (running, status):
         yield running, status

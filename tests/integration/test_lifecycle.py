@@ -105,6 +105,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embeddi
             "store": "SERVING",
             "embedder": "SERVING",
             "retriever": "SERVING",
+            "llm": "SERVING",
             "envoy": "LIVE",
         }
         again = _cli(env, "up")
@@ -112,7 +113,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embeddi
     finally:
         down = _cli(env, "down")
     assert down.returncode == 0, down.stderr
-    for name in ("embedder", "retriever", "envoy", "store"):
+    for name in ("embedder", "retriever", "llm", "envoy", "store"):
         assert f"{name}: stopped" in down.stdout
     for name, entry in report.items():
         assert not _running(entry["pid"]), f"{name} still runs after down"

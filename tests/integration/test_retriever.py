@@ -16,7 +16,7 @@ from services.retriever import corpus, manage
 from tiermesh.hotswap import announce
 from tiermesh.registry import Registry
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
-from tiermesh.testing import running_mesh, scratch_registry
+from tiermesh.testing import running_mesh, scratch_registry, without_llm
 
 pytestmark = pytest.mark.integration
 QUESTIONS = [json.loads(line) for line in corpus.DEFAULT_QUESTIONS.read_text().splitlines() if line.strip()]
@@ -164,7 +164,11 @@ def test_publish_and_rollback_under_load_fail_no_request(tmp_path, swap_registry
     registry, first, second = swap_registry
     # A long periodic check: the switch must come from the announcement on the store.
     with running_mesh(
-        tmp_path, TIERMESH_MODELS=str(registry.root), RETRIEVER_REPLICAS="2", RETRIEVER_CHECK_INTERVAL_S="600"
+        tmp_path,
+        tiers=without_llm(),
+        TIERMESH_MODELS=str(registry.root),
+        RETRIEVER_REPLICAS="2",
+        RETRIEVER_CHECK_INTERVAL_S="600",
     ) as (mesh, status):
         env = {**mesh.environ, "REDIS_URL": status["store"]["url"]}
         vectors = manage.embed_texts([q["question"] for q in QUESTIONS[:20]], embedding_model)
