@@ -10,7 +10,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +59,13 @@ def finite(value: Any) -> Any:
 def write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
+
+
+def verdicts(results: Sequence[dict[str, Any]]) -> str:
+    """One line per target: what it asks, what was measured (`unit`, optional `at`), met or not."""
+    lines = []
+    for r in results:
+        measured = "none" if r["measured"] is None else f"{r['measured']:g}{r.get('unit', '')}"
+        at = f" at {r['at']}" if r.get("at") else ""
+        lines.append(f"target: {r['target']}: measured {measured}{at} -> {'met' if r['met'] else 'NOT met'}")
+    return "\n".join(lines)

@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import host, log, write_json
+from bench.common import host, log, verdicts, write_json
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
 BATCHES = (1, 32, 128)
@@ -445,6 +445,7 @@ def targets(mesh: Sequence[Cell]) -> list[dict[str, Any]]:
                     f"{cell.batch} >= {TARGET_RATIO}x in-process",
                     "cell": cell.name,
                     "measured": round(cell.ratio, 3),
+                    "unit": "x",
                     "threshold": TARGET_RATIO,
                     "met": cell.ratio >= TARGET_RATIO,
                 }
@@ -456,20 +457,12 @@ def targets(mesh: Sequence[Cell]) -> list[dict[str, Any]]:
                 "target": f"single short query p99 <= {TARGET_SHORT_P99_MS:g} ms",
                 "cell": short.name,
                 "measured": round(short.p99_ms, 3),
+                "unit": " ms",
                 "threshold": TARGET_SHORT_P99_MS,
                 "met": short.p99_ms <= TARGET_SHORT_P99_MS,
             }
         )
     return results
-
-
-def verdicts(results: Sequence[dict[str, Any]]) -> str:
-    lines = []
-    for r in results:
-        unit = "x" if "throughput" in r["target"] else " ms"
-        state = "met" if r["met"] else "NOT met"
-        lines.append(f"target: {r['target']}: measured {r['measured']:.2f}{unit} -> {state}")
-    return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:

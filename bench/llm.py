@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import host, log, write_json
+from bench.common import host, log, verdicts, write_json
 
 CONCURRENCY = (1, 4, 16, 32)
 MAX_TOKENS = 64
@@ -265,9 +265,9 @@ def targets(cells: Sequence[Cell], sequential: Cell) -> list[dict[str, Any]]:
     )
     return [
         {"target": f"mesh >= {TARGET_VS_BARE:.0%} of bare vLLM at {TARGET_CONCURRENCY} concurrent",
-         "measured": round(vs_bare, 3), "met": vs_bare >= TARGET_VS_BARE},
+         "measured": round(vs_bare, 3), "unit": "x", "met": vs_bare >= TARGET_VS_BARE},
         {"target": f"mesh at {TARGET_CONCURRENCY} >= {TARGET_VS_SEQUENTIAL:g}x sequential transformers",
-         "measured": round(vs_sequential, 2), "met": vs_sequential >= TARGET_VS_SEQUENTIAL},
+         "measured": round(vs_sequential, 2), "unit": "x", "met": vs_sequential >= TARGET_VS_SEQUENTIAL},
     ]  # fmt: skip
 
 
@@ -301,9 +301,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     cells = [c for pair in zip(bare, mesh, strict=True) for c in pair]
     print(table(cells, sequential))
     results = targets(cells, sequential)
-    for result in results:
-        verdict = "met" if result["met"] else "NOT met"
-        print(f"target: {result['target']}: measured {result['measured']} -> {verdict}")
+    print(verdicts(results))
     return {
         "benchmark": "bench.llm",
         "model": {"name": model.name, "version": model.version, "digest": model.digest},

@@ -85,7 +85,7 @@ import faiss
 import grpc
 import numpy as np
 
-from bench.common import host, log, write_json
+from bench.common import host, log, verdicts, write_json
 from services.retriever import index as index_module
 from services.retriever import manage, synthetic
 from services.retriever.config import INDEX_NAME
@@ -897,13 +897,15 @@ def targets(part_a: dict[str, Any] | None, part_b: dict[str, Any] | None, cores:
         count = part_a["count"]
         note = "" if count == FULL_COUNT else f" (target defined for {FULL_COUNT:,}; measured on {count:,})"
         speedup = part_a["speedup_at_that_nprobe_b1_1thread"]
+        chosen = part_a["smallest_nprobe_meeting_recall"]
         results.append(
             {
                 "target": f"recall@{K} >= {TARGET_RECALL} at >= {TARGET_SPEEDUP:g}x exact-search "
                 f"single-query QPS (1 thread){note}",
                 "measured": None if speedup is None else round(speedup, 2),
                 "unit": "x",
-                "nprobe": part_a["smallest_nprobe_meeting_recall"],
+                "nprobe": chosen,
+                "at": chosen and f"nprobe {chosen}",
                 "threshold": TARGET_SPEEDUP,
                 "met": speedup is not None and speedup >= TARGET_SPEEDUP,
             }
@@ -942,17 +944,6 @@ def targets(part_a: dict[str, Any] | None, part_b: dict[str, Any] | None, cores:
                 }
             )
     return results
-
-
-def verdicts(results: Sequence[dict[str, Any]]) -> str:
-    lines = []
-    for r in results:
-        measured = "none" if r["measured"] is None else f"{r['measured']:g}{r['unit']}"
-        extra = f" at nprobe {r['nprobe']}" if r.get("nprobe") else ""
-        lines.append(
-            f"target: {r['target']}: measured {measured}{extra} -> {'met' if r['met'] else 'NOT met'}"
-        )
-    return "\n".join(lines)
 
 
 def machine(omp_threads_at_start: int, load_at_start: tuple[float, float, float]) -> dict[str, Any]:

@@ -115,8 +115,7 @@ class TierServer:
         if hasattr(self.tier, "report_serving"):  # tiers whose engine can die under them
             self.tier.report_serving = self.report_serving
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        for service in ("", *self.tier.service_names):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.report_serving(False)
         reflection.enable_server_reflection(
             [*self.tier.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )

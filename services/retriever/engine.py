@@ -74,9 +74,9 @@ class IndexEngine:
         metadata_filter: Mapping[str, str],
     ) -> list[Hit]:
         """Top-k hits for one query vector on `loaded` (the version the request started with)."""
-        bitmap = loaded.selector(metadata_filter)
 
         def run() -> list[Hit]:
+            bitmap = loaded.selector(metadata_filter)  # O(vectors): off the event loop too
             started = time.perf_counter()
             scores, ids = loaded.search(vector[None, :], k=k, nprobe=nprobe, bitmap=bitmap)
             SEARCH_SECONDS.labels(loaded.version.name, loaded.kind).observe(time.perf_counter() - started)
