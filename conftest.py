@@ -49,3 +49,13 @@ def language_model(embedding_model):
     from tiermesh.registry import Registry
 
     return prepare(Registry())
+
+
+@pytest.fixture(scope="session")
+def classifier_models(embedding_model):
+    """The four classifier models by kind, live in the registry (trained by set-up; here if missing)."""
+    from services.classifiers import training
+    from services.classifiers.config import MODELS
+    from tiermesh.registry import Registry
+
+    return dict(zip(MODELS, training.prepare(Registry()), strict=True))

@@ -806,7 +806,7 @@ async def swap_under_load(
 def run_swap(
     vectors: np.ndarray, queries: np.ndarray, embedder: ModelVersion, plan: Plan, keep: bool
 ) -> dict[str, Any]:
-    from tiermesh.testing import running_mesh, without_llm
+    from tiermesh.testing import only, running_mesh
 
     work = Path(tempfile.mkdtemp(prefix="tiermesh-bench-retriever-"))
     log(f"part B: scratch registry and mesh home under {work}")
@@ -817,7 +817,10 @@ def run_swap(
         log("part B: starting a private mesh (valkey, embedder, 2 retriever replicas, Envoy)")
         started = time.perf_counter()
         with running_mesh(
-            work / "home", tiers=without_llm(), TIERMESH_MODELS=str(registry.root), RETRIEVER_REPLICAS="2"
+            work / "home",
+            tiers=only("embedder", "retriever"),
+            TIERMESH_MODELS=str(registry.root),
+            RETRIEVER_REPLICAS="2",
         ) as (
             _mesh,
             status,

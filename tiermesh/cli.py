@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EPILOG = """examples:
   tiermesh up                      start store, tiers and Envoy; wait until all are SERVING
@@ -20,6 +21,8 @@ EPILOG = """examples:
   tiermesh index build             build a new index version of the knowledge base
   tiermesh index publish VERSION   make it live on every retriever replica (hot swap)
   tiermesh models list             published model versions
+  tiermesh train intent            retrain a classifier model (a new version, not live yet)
+  tiermesh models publish loan-intent 1.0.1   make it live on every classifiers replica
   tiermesh down                    stop everything gracefully
 
 environment: TIERMESH_HOME (default ./var) holds models, run state and logs; ports come from .env
@@ -144,7 +147,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         llm = prepare_llm(registry, force=args.force)
         print(f"{llm.name} {llm.version} {llm.digest} at {llm.path}")
+        from services.classifiers import training
+
+        for model in training.prepare(registry):
+            print(f"{model.name} {model.version} {model.digest} at {model.path}")
         return 0
+    if args.models_command in ("publish", "rollback"):
+        return _publish(registry, args)
     if args.models_command == "show":
         version = registry.get(args.name, args.version)
         print(json.dumps(version.metadata, indent=2))
@@ -163,6 +172,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'NAME':<22}{'VERSION':<15}{'CREATED':<31}DIGEST   (* = latest)")
     for name, version, created, digest in rows:
         print(f"{name:<22}{version:<15}{created:<31}{digest}")
+    return 0
+
+
+def _publish(registry: Any, args: argparse.Namespace) -> int:
+    from tiermesh import hotswap, runner
+    from tiermesh.registry import RegistryError
+
+    def trained(name: str) -> bool:
+        return any("trainer" in v.metadata.get("source", {}) for v in registry.versions(name))
+
+    # Only trained models go live this way: an index needs its recall check (`tiermesh index
+    # publish`), and the embedder and llm versions come from `tiermesh models prepare`.
+    if not trained(args.name):
+        known = [name for name in registry.names() if trained(name)]
+        raise RegistryError(
+            f"{args.name!r} is not a trained model ({', '.join(known) or 'none published'}); "
+            "publish indexes with `tiermesh index publish`"
+        )
+    if args.models_command == "publish":
+        version = registry.set_latest(args.name, args.version)
+    else:
+        version = registry.rollback(args.name)
+    hotswap.announce_latest(runner.store_url(), version, print)
     return 0
 
 
@@ -244,11 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="convert packaged models, build the demo index, publish them (idempotent)"
     )
     prepare.add_argument("--force", action="store_true", help="export again even if already published")
+    publish = models_sub.add_parser(
+        "publish", help="make a trained version live on every replica (hot swap, announced on the store)"
+    )
+    publish.add_argument("name", help="e.g. loan-intent, financial-ner, credit-risk, transaction-anomaly")
+    publish.add_argument("version")
+    rollback = models_sub.add_parser(
+        "rollback", help="make the version published before the live one live again"
+    )
+    rollback.add_argument("name")
     models.set_defaults(run=cmd_models)
 
+    from services.classifiers.cli import add_commands as add_classifier_commands
     from services.retriever.cli import add_commands as add_retriever_commands
 
     add_retriever_commands(sub)
+    add_classifier_commands(sub)
 
     protos = sub.add_parser("protos", help="the generated Python stubs of protos/")
     protos_sub = protos.add_subparsers(dest="protos_command", required=True, metavar="ACTION")

@@ -13,21 +13,42 @@ that started late or missed a message (store down) converges on its next check.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
 
 import redis
 import redis.asyncio as aioredis
 
 from tiermesh import metrics
+from tiermesh.config import setting
 from tiermesh.registry import ModelVersion, Registry, RegistryError
+from tiermesh.server import ServerConfig
 
 logger = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "tiermesh:latest:"
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowingConfig(ServerConfig):
+    """Settings of a tier that follows `latest` of its registry models (`<TIER>_STORE_URL`, ...)."""
+
+    store_url: str = setting(
+        "STORE_URL", "", help="redis:// URL for publish announcements; empty: periodic checks only"
+    )
+    check_interval_s: float = setting(
+        "CHECK_INTERVAL_S",
+        5.0,
+        help="seconds between checks of the registry's latest version (catches missed announcements)",
+        min=0.1,
+        max=3600,
+    )
 
 
 def channel(name: str) -> str:
@@ -42,6 +63,65 @@ def announce(store_url: str, version: ModelVersion) -> int:
         return int(client.publish(channel(version.name), message))
     finally:
         client.close()
+
+
+def announce_latest(store_url: str | None, version: ModelVersion, progress: Callable[[str], None]) -> None:
+    """`announce` for operator commands: a store that is down only delays the switch, so report it."""
+    if not store_url:
+        progress(
+            f"{version.name}: latest -> {version.version}; no store configured: "
+            "replicas switch at their next check"
+        )
+        return
+    try:
+        listeners = announce(store_url, version)
+    except (OSError, redis.RedisError) as error:
+        progress(
+            f"{version.name}: latest -> {version.version}; announcing on {store_url} failed ({error}): "
+            "replicas switch at their next check"
+        )
+        return
+    progress(f"{version.name}: latest -> {version.version}; announced to {listeners} replica(s)")
+
+
+class Loaded(Protocol):
+    """What a `ModelSlot` holds: a model opened from one registry version."""
+
+    version: ModelVersion
+
+    def close(self) -> None: ...
+
+
+M = TypeVar("M", bound=Loaded)
+
+
+class ModelSlot(Generic[M]):
+    """One hot-swappable model: `current` is the single reference requests read.
+
+    `load` opens and checks a version in a worker thread beside the serving one (`open` raises to
+    refuse it), then swaps the reference; a request that already took the old model finishes on it.
+    """
+
+    def __init__(self, tier: str, name: str, open_model: Callable[[ModelVersion], M]) -> None:
+        self.tier, self.name = tier, name
+        self.open_model = open_model
+        self.current: M | None = None
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-load")
+
+    def serving_version(self) -> str | None:
+        return self.current.version.version if self.current else None
+
+    async def load(self, version: ModelVersion) -> M:
+        loaded = await asyncio.get_running_loop().run_in_executor(self._loader, self.open_model, version)
+        self.current = loaded  # the swap: one reference assignment
+        metrics.set_model_info(self.tier, version.name, version.version, version.digest)
+        return loaded
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        if self.current is not None:
+            self.current.close()
+            self.current = None
 
 
 class Follower:

@@ -47,7 +47,8 @@ def serve_metrics(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
 
 
 def set_model_info(tier: str, name: str, version: str, digest: str) -> None:
-    """Record the version a tier serves, forgetting the one it served before (hot swaps)."""
-    for labels in [s.labels for s in next(iter(MODEL_INFO.collect())).samples if s.labels["tier"] == tier]:
+    """Record the version of `name` a tier serves, forgetting the one it served before (hot swaps)."""
+    samples = next(iter(MODEL_INFO.collect())).samples
+    for labels in [s.labels for s in samples if s.labels["tier"] == tier and s.labels["name"] == name]:
         MODEL_INFO.remove(labels["tier"], labels["name"], labels["version"], labels["digest"])
     MODEL_INFO.labels(tier, name, version, digest).set(1)

@@ -135,7 +135,6 @@ class Registry:
             self._read(name, p.name)
             for p in folder.iterdir()
             if p.is_dir()
-            and not p.is_symlink()
             and (_SEMVER.match(p.name) or _CONTENT_NAME.match(p.name))
             and (p / METADATA).is_file()
         ]

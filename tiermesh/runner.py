@@ -70,6 +70,7 @@ TIERS: tuple[TierSpec, ...] = (
     TierSpec("retriever", "tiermesh.retriever.v1.RetrieverService"),
     # vLLM's engine processes start in ~40 s on 2 cores (then a warm-up generation).
     TierSpec("llm", "tiermesh.llm.v1.LlmService", load_timeout_s=300.0),
+    TierSpec("classifiers", "tiermesh.classifiers.v1.ClassifiersService"),
 )
 
 
@@ -115,6 +116,17 @@ def read_settings(environ: Mapping[str, str] | None = None, env_file: Path = ENV
         if value and (key in values or key.startswith(prefixes)):
             values[key] = value
     return values
+
+
+def store_url(environ: Mapping[str, str] | None = None) -> str:
+    """Where operator commands announce publishes: REDIS_URL, else the running mesh's store, else
+    the store port from .env."""
+    environ = os.environ if environ is None else environ
+    return (
+        environ.get("REDIS_URL")
+        or Mesh().state().get("store", {}).get("url")
+        or f"redis://127.0.0.1:{read_settings(environ).get('STORE_PORT', '6379')}/0"
+    )
 
 
 def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIERS) -> str:

@@ -67,7 +67,8 @@ class Tier(Protocol):
 
     @property
     def model(self) -> common_pb2.ModelInfo:
-        """The model being served; empty until the engine is loaded (labels metrics and spans)."""
+        """The model being served; empty until the engine is loaded (labels metrics and spans).
+        A tier serving several models also has `models` (all of them) and `model_for(method)`."""
         ...
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -146,13 +147,13 @@ class TierServer:
         started = time.perf_counter()
         await self.tier.start()
         await self.report_serving(True)
-        model = self.tier.model
-        metrics.set_model_info(self.tier.name, model.name, model.version, model.digest)
+        models = served_models(self.tier)
+        for model in models:
+            metrics.set_model_info(self.tier.name, model.name, model.version, model.digest)
         logger.info(
-            "%s SERVING model %s version %s after %.1fs",
+            "%s SERVING %s after %.1fs",
             self.tier.name,
-            model.name,
-            model.version,
+            ", ".join(f"model {model.name} version {model.version}" for model in models),
             time.perf_counter() - started,
         )
 
@@ -242,6 +243,17 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return deserialize
 
 
+def served_models(tier: Tier) -> list[common_pb2.ModelInfo]:
+    """Every model a tier serves: its `models` when it has several, else its one `model`."""
+    return list(getattr(tier, "models", None) or [tier.model])
+
+
+def served_version(tier: Tier, method: str) -> str:
+    """The model version that answers `method` (a tier with several models defines `model_for`)."""
+    model_for = getattr(tier, "model_for", None)
+    return (model_for(method) if model_for else tier.model).version
+
+
 class _Observation:
     """Span, latency and status bookkeeping for one server-side RPC."""
 
@@ -275,7 +287,7 @@ class _Observation:
             self.code = grpc.StatusCode.CANCELLED
         elif isinstance(error, grpc.aio.AbortError) and self.code == grpc.StatusCode.OK:
             self.code = context.code() or grpc.StatusCode.UNKNOWN  # the servicer aborted by itself
-        version = self.tier.model.version
+        version = served_version(self.tier, self.method)
         metrics.RPC_IN_FLIGHT.labels(self.tier.name, self.method).dec()
         metrics.RPC_REQUESTS.labels(self.tier.name, self.method, self.code.name, version).inc()
         metrics.RPC_LATENCY.labels(self.tier.name, self.method, version).observe(

@@ -127,9 +127,12 @@ def tier_config(config_class: type, **values: Any) -> Any:
     return config_class(**{**defaults, **values})
 
 
-def without_llm() -> tuple[TierSpec, ...]:
-    """Every tier but the llm (whose engine takes ~40 s to start), for tests that do not use it."""
-    return tuple(tier for tier in TIERS if tier.name != "llm")
+def only(*names: str) -> tuple[TierSpec, ...]:
+    """Just these tiers (in the runner's order), for tests and benchmarks that need no others."""
+    unknown = set(names) - {tier.name for tier in TIERS}
+    if unknown:
+        raise ValueError(f"unknown tier(s): {', '.join(sorted(unknown))}")
+    return tuple(tier for tier in TIERS if tier.name in names)
 
 
 def scratch_registry(root: Path, *models: ModelVersion) -> Registry:

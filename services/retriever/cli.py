@@ -9,6 +9,7 @@ from typing import Any
 
 from services.retriever import corpus, manage
 from services.retriever.config import INDEX_NAME
+from tiermesh import runner
 
 INDEX_EPILOG = """typical flow:
   tiermesh index build                       embed and index the shipped knowledge base
@@ -75,19 +76,6 @@ def add_commands(sub: Any) -> None:
     search.set_defaults(run=run_search)
 
 
-def store_url() -> str:
-    """REDIS_URL, else the running mesh's store, else the store port from .env."""
-    import os
-
-    from tiermesh.runner import Mesh, read_settings
-
-    return (
-        os.environ.get("REDIS_URL")
-        or Mesh().state().get("store", {}).get("url")
-        or f"redis://127.0.0.1:{read_settings().get('STORE_PORT', '6379')}/0"
-    )
-
-
 def run_index(args: argparse.Namespace) -> int:
     from tiermesh.registry import Registry
 
@@ -126,11 +114,11 @@ def _run_index(args: argparse.Namespace, registry: Any) -> int:
             registry,
             args.version,
             name=args.name,
-            store_url=store_url(),
+            store_url=runner.store_url(),
             allow_low_recall=args.allow_low_recall,
         )
     elif command == "rollback":
-        manage.rollback(registry, name=args.name, store_url=store_url())
+        manage.rollback(registry, name=args.name, store_url=runner.store_url())
     elif command == "list":
         rows = manage.versions_table(registry, args.name)
         if not rows:

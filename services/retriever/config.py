@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 from tiermesh.config import setting
-from tiermesh.server import ServerConfig
+from tiermesh.hotswap import FollowingConfig
 
 INDEX_NAME = "loan-kb"
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrieverConfig(ServerConfig):
+class RetrieverConfig(FollowingConfig):
     index: str = setting("INDEX", INDEX_NAME, help="registry name of the index to serve")
     index_version: str = setting(
         "INDEX_VERSION", "latest", help="index version to serve; 'latest' follows publishes (hot swap)"
@@ -21,16 +21,6 @@ class RetrieverConfig(ServerConfig):
     )
     embed_timeout_s: float = setting(
         "EMBED_TIMEOUT_S", 5.0, help="deadline for embedding a text query", min=0.01, max=120
-    )
-    store_url: str = setting(
-        "STORE_URL", "", help="redis:// URL for publish announcements; empty: periodic checks only"
-    )
-    check_interval_s: float = setting(
-        "CHECK_INTERVAL_S",
-        5.0,
-        help="seconds between checks of the registry's latest index",
-        min=0.1,
-        max=3600,
     )
     default_k: int = setting(
         "DEFAULT_K", 5, help="passages returned when a request sets no k", min=1, max=1000

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 from tqdm import tqdm
 
 from services.embedder.config import served_model
 from services.retriever import corpus
 from services.retriever.config import INDEX_NAME
 from services.retriever.index import IndexArtifactError, LoadedIndex, Recall, measure_recall, write_artifact
-from tiermesh.hotswap import announce
+from tiermesh.hotswap import announce_latest
 from tiermesh.registry import ModelVersion, Registry, RegistryError, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -191,7 +190,7 @@ def publish(
         )
         progress(f"WARNING: {message}; publishing anyway (--allow-low-recall, logged)")
     registry.set_latest(name, model.version)
-    _announce(store_url, model, progress)
+    announce_latest(store_url, model, progress)
     return model
 
 
@@ -204,23 +203,8 @@ def rollback(
 ) -> ModelVersion:
     """Move `latest` back to the previously published version and announce it."""
     model = registry.rollback(name)
-    _announce(store_url, model, progress)
+    announce_latest(store_url, model, progress)
     return model
-
-
-def _announce(store_url: str | None, model: ModelVersion, progress: Callable[[str], None]) -> None:
-    if not store_url:
-        progress(f"latest -> {model.version}; no store configured: replicas switch at their next check")
-        return
-    try:
-        listeners = announce(store_url, model)
-    except (OSError, redis.RedisError) as error:
-        progress(
-            f"latest -> {model.version}; announcing on {store_url} failed ({error}): "
-            "replicas switch at their next check"
-        )
-        return
-    progress(f"latest -> {model.version}; announced to {listeners} replica(s)")
 
 
 def synth(path: Path, count: int, *, seed: int = 0) -> Path:

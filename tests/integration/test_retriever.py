@@ -16,7 +16,7 @@ from services.retriever import corpus, manage
 from tiermesh.hotswap import announce
 from tiermesh.registry import Registry
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
-from tiermesh.testing import running_mesh, scratch_registry, without_llm
+from tiermesh.testing import only, running_mesh, scratch_registry
 
 pytestmark = pytest.mark.integration
 QUESTIONS = [json.loads(line) for line in corpus.DEFAULT_QUESTIONS.read_text().splitlines() if line.strip()]
@@ -165,7 +165,7 @@ def test_publish_and_rollback_under_load_fail_no_request(tmp_path, swap_registry
     # A long periodic check: the switch must come from the announcement on the store.
     with running_mesh(
         tmp_path,
-        tiers=without_llm(),
+        tiers=only("embedder", "retriever"),
         TIERMESH_MODELS=str(registry.root),
         RETRIEVER_REPLICAS="2",
         RETRIEVER_CHECK_INTERVAL_S="600",
