@@ -109,10 +109,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import grpc
 
     from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-    from tiermesh.runner import Mesh, read_settings
+    from tiermesh.runner import envoy_address
 
-    target = args.target or Mesh().state().get("envoy", {}).get("grpc")
-    target = target or f"127.0.0.1:{read_settings()['ENVOY_GRPC_PORT']}"
+    target = args.target or envoy_address()
     with grpc.insecure_channel(target) as channel:
         stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
         try:

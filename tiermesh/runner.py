@@ -118,6 +118,11 @@ def read_settings(environ: Mapping[str, str] | None = None, env_file: Path = ENV
     return values
 
 
+def envoy_address() -> str:
+    """Where user commands reach the mesh: the running mesh's Envoy, else Envoy's port from .env."""
+    return Mesh().state().get("envoy", {}).get("grpc") or f"127.0.0.1:{read_settings()['ENVOY_GRPC_PORT']}"
+
+
 def store_url(environ: Mapping[str, str] | None = None) -> str:
     """Where operator commands announce publishes: REDIS_URL, else the running mesh's store, else
     the store port from .env."""

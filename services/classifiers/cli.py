@@ -30,6 +30,14 @@ def add_commands(sub: Any) -> None:
     train.add_argument("--publish", action="store_true", help="also make the new version live right away")
     train.set_defaults(run=run_train)
 
+    classify = sub.add_parser(
+        "classify", help="the intent and the financial entities of a text, through Envoy"
+    )
+    classify.add_argument("text")
+    classify.add_argument("--target", help="Envoy's gRPC address (default: the running mesh's)")
+    classify.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    classify.set_defaults(run=run_classify)
+
 
 def run_train(args: argparse.Namespace) -> int:
     from services.classifiers import training
@@ -51,4 +59,36 @@ def run_train(args: argparse.Namespace) -> int:
         hotswap.announce_latest(runner.store_url(), version, print)
     else:
         print(f"not live yet: tiermesh models publish {version.name} {version.version}")
+    return 0
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    import sys
+
+    import grpc
+
+    from tiermesh.classifiers.v1 import classifiers_pb2 as pb
+    from tiermesh.classifiers.v1 import classifiers_pb2_grpc
+    from tiermesh.runner import envoy_address
+
+    target = args.target or envoy_address()
+    with grpc.insecure_channel(target) as channel:
+        stub = classifiers_pb2_grpc.ClassifiersServiceStub(channel)
+        try:
+            found = stub.ClassifyIntent(pb.ClassifyIntentRequest(text=args.text), timeout=args.timeout)
+            entities = stub.ExtractEntities(pb.ExtractEntitiesRequest(text=args.text), timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"{error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    intent = found.intent
+    note = f" (below the {intent.threshold:.2f} threshold)" if intent.low_confidence else ""
+    print(f"intent {intent.label} {intent.probability:.2f}{note}  [{found.model.name} {found.model.version}]")
+    print("  top 3: " + ", ".join(f"{c.label} {c.probability:.2f}" for c in intent.candidates))
+    print(f"entities  [{entities.model.name} {entities.model.version}]")
+    for entity in entities.entities:
+        money = f" = {entity.money.amount:g} {entity.money.currency_code}" if entity.HasField("money") else ""
+        label = pb.EntityLabel.Name(entity.label).removeprefix("ENTITY_LABEL_")
+        print(f"  {label:<9} {entity.text!r}{money}")
+    if not entities.entities:
+        print("  none found")
     return 0

@@ -139,10 +139,9 @@ def run_search(args: argparse.Namespace) -> int:
     import grpc
 
     from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
-    from tiermesh.runner import Mesh, read_settings
+    from tiermesh.runner import envoy_address
 
-    target = args.target or Mesh().state().get("envoy", {}).get("grpc")
-    target = target or f"127.0.0.1:{read_settings()['ENVOY_GRPC_PORT']}"
+    target = args.target or envoy_address()
     filters = dict(item.split("=", 1) for item in args.filter if "=" in item)
     request = retriever_pb2.SearchRequest(text=args.text, metadata_filter=filters)
     if args.k is not None:

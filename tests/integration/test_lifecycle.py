@@ -91,7 +91,9 @@ def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embedding_model, knowledge_index):
+def test_cli_up_outlives_its_command_and_down_stops_everything(
+    tmp_path, embedding_model, knowledge_index, language_model, classifier_models
+):
     env = mesh_environ(tmp_path)
     up = _cli(env, "up", "--replicas", "retriever=1")
     assert up.returncode == 0, up.stdout + up.stderr
@@ -106,6 +108,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embeddi
             "embedder": "SERVING",
             "retriever": "SERVING",
             "llm": "SERVING",
+            "classifiers": "SERVING",
             "envoy": "LIVE",
         }
         again = _cli(env, "up")
@@ -113,7 +116,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(tmp_path, embeddi
     finally:
         down = _cli(env, "down")
     assert down.returncode == 0, down.stderr
-    for name in ("embedder", "retriever", "llm", "envoy", "store"):
+    for name in ("embedder", "retriever", "llm", "classifiers", "envoy", "store"):
         assert f"{name}: stopped" in down.stdout
     for name, entry in report.items():
         assert not _running(entry["pid"]), f"{name} still runs after down"
