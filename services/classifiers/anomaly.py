@@ -12,7 +12,6 @@ positives there); the detection rate is reported on a separate test split.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from services.classifiers import synthetic
+from services.classifiers import holdout, synthetic
 from services.classifiers.config import ANOMALY
 from tiermesh.registry import ModelVersion, Registry, RegistryError
 
@@ -197,14 +196,11 @@ def _matrix(data: dict[str, np.ndarray], categories: tuple[str, ...]) -> np.ndar
 
 
 def read_holdout(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns = {key: np.array([row[key] for row in rows]) for key in rows[0]}
-    for key in ("amount", "customer_usual_amount", "anomaly_score"):
-        columns[key] = columns[key].astype(np.float64)
-    for key in ("hour", "transactions_last_24h", "is_anomaly"):
-        columns[key] = columns[key].astype(np.int64)
-    return columns
+    return holdout.read(
+        path,
+        floats=("amount", "customer_usual_amount", "anomaly_score"),
+        ints=("hour", "transactions_last_24h", "is_anomaly"),
+    )
 
 
 def evaluate(model: AnomalyModel, holdout: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -287,10 +283,11 @@ def train(
 
 def write_holdout(path: Path, data: dict[str, np.ndarray], scores: np.ndarray) -> None:
     columns = ("amount", "merchant", "category", "hour", "customer_usual_amount", "transactions_last_24h")
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([*columns, "is_anomaly", "anomaly_score"])
-        for index, score in enumerate(scores):
-            writer.writerow(
-                [*(data[c][index] for c in columns), int(data["is_anomaly"][index]), f"{score:.9f}"]
-            )
+    holdout.write(
+        path,
+        {
+            **{column: data[column] for column in columns},
+            "is_anomaly": data["is_anomaly"].astype(int),
+            "anomaly_score": [f"{score:.9f}" for score in scores],
+        },
+    )

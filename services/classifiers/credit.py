@@ -8,7 +8,6 @@ beside the held-out decisions for the bias tier's audit, but it is never a featu
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from services.classifiers import synthetic
+from services.classifiers import holdout, synthetic
 from services.classifiers.config import CREDIT
 from tiermesh.registry import ModelVersion, Registry, RegistryError
 
@@ -104,15 +103,8 @@ class CreditModel:
 
 
 def read_holdout(path: Path) -> dict[str, np.ndarray]:
-    """The exported held-out decisions as columns (features as float, the rest as written)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns = {key: np.array([row[key] for row in rows]) for key in rows[0]}
-    for key in (*FEATURES, "default_probability"):
-        columns[key] = columns[key].astype(np.float64)
-    for key in ("defaulted", "approved"):
-        columns[key] = columns[key].astype(np.int64)
-    return columns
+    """The exported held-out decisions as columns."""
+    return holdout.read(path, floats=(*FEATURES, "default_probability"), ints=("defaulted", "approved"))
 
 
 def evaluate(model: CreditModel, holdout: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -219,6 +211,7 @@ def train(
             "rows": matrix[held_out][:4].tolist(),
             "probabilities": probabilities[:4].round(7).tolist(),
         }
+        # Metrics from the file as written: exactly what the tests and the bias tier read back.
         metrics = evaluate(candidate, read_holdout(staging / HOLDOUT_FILE))
         candidate.close()
         return registry.publish(
@@ -236,29 +229,15 @@ def write_holdout(
     path: Path, data: dict[str, np.ndarray], rows: slice, probabilities: np.ndarray, model: CreditModel
 ) -> None:
     """The held-out decisions with the protected attribute, for the bias tier's audit."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "application_id",
-                *FEATURES,
-                synthetic.PROTECTED_ATTRIBUTE,
-                "defaulted",
-                "default_probability",
-                "risk_band",
-                "approved",
-            ]
-        )
-        for offset, index in enumerate(range(rows.start, rows.stop)):
-            probability = float(probabilities[offset])
-            writer.writerow(
-                [
-                    f"A{index:06d}",
-                    *(data[name][index] for name in FEATURES),
-                    data[synthetic.PROTECTED_ATTRIBUTE][index],
-                    int(data["defaulted"][index]),
-                    f"{probability:.6f}",
-                    model.band(probability),
-                    int(probability < APPROVE_BELOW),
-                ]
-            )
+    holdout.write(
+        path,
+        {
+            "application_id": [f"A{index:06d}" for index in range(rows.start, rows.stop)],
+            **{name: data[name][rows] for name in FEATURES},
+            synthetic.PROTECTED_ATTRIBUTE: data[synthetic.PROTECTED_ATTRIBUTE][rows],
+            "defaulted": data["defaulted"][rows],
+            "default_probability": [f"{p:.6f}" for p in probabilities],
+            "risk_band": [model.band(float(p)) for p in probabilities],
+            "approved": (probabilities < APPROVE_BELOW).astype(int),
+        },
+    )

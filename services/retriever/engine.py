@@ -1,8 +1,9 @@
 """The retriever's engine: the serving index version, searched off the event loop and hot-swapped.
 
-`IndexEngine.current` is the one reference requests read. A new version is opened and checked in
-a worker thread beside the old one, then assigned in a single statement; a search that already
-took the old reference finishes on it, and the old index is freed when its last search ends.
+`IndexEngine.current` is the one reference requests read, held by the kit's `ModelSlot`: a new
+version is opened and checked in a worker thread beside the old one, then swapped in one
+assignment; a search that already took the old reference finishes on it, and the old index is
+freed when its last search ends.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client import Gauge, Histogram
 
 from services.retriever.index import Hit, IndexArtifactError, LoadedIndex
 from tiermesh import metrics
+from tiermesh.hotswap import ModelSlot
 from tiermesh.registry import ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -37,14 +39,18 @@ class IndexEngine:
     """Holds the serving `LoadedIndex`; loads, checks and swaps versions; runs searches."""
 
     def __init__(self, *, max_nprobe: int, search_threads: int, faiss_threads: int) -> None:
-        self.max_nprobe = max_nprobe
-        self.current: LoadedIndex | None = None
         faiss.omp_set_num_threads(faiss_threads)
+        self.slot: ModelSlot[LoadedIndex] = ModelSlot(
+            "retriever", "index", lambda version: LoadedIndex(version, max_nprobe=max_nprobe)
+        )
         self._pool = concurrent.futures.ThreadPoolExecutor(search_threads, thread_name_prefix="search")
-        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="index-load")
+
+    @property
+    def current(self) -> LoadedIndex | None:
+        return self.slot.current
 
     def serving_version(self) -> str | None:
-        return self.current.version.version if self.current else None
+        return self.slot.serving_version()
 
     async def load(self, version: ModelVersion, *, embedder: ModelVersion) -> LoadedIndex:
         """Open and check `version` in the background, then make it the serving index."""
@@ -55,11 +61,7 @@ class IndexEngine:
                 f"{built_with.get('version')}, but the embedder tier serves "
                 f"{embedder.name} {embedder.version}"
             )
-        loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(
-            self._loader, lambda: LoadedIndex(version, max_nprobe=self.max_nprobe)
-        )
-        self.current = loaded  # the swap: one reference assignment
+        loaded = await self.slot.load(version)
         VECTORS.labels(version.name).set(loaded.count)
         MEMORY.labels(version.name).set(loaded.memory_bytes)
         return loaded
@@ -86,7 +88,4 @@ class IndexEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._loader.shutdown(wait=False, cancel_futures=True)
-        if self.current is not None:
-            self.current.close()
-            self.current = None
+        self.slot.close()

@@ -12,7 +12,7 @@ from services.embedder.config import served_model
 from services.retriever.config import RetrieverConfig
 from services.retriever.engine import IndexEngine
 from services.retriever.index import LoadedIndex
-from tiermesh import metrics, telemetry
+from tiermesh import telemetry
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from tiermesh.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable, check_text
@@ -79,10 +79,7 @@ class RetrieverTier(retriever_pb2_grpc.RetrieverServiceServicer):
 
     async def _load(self, version: ModelVersion) -> None:
         # Indexes must come from the vectors the embedder tier serves (EMBEDDER_MODEL[_VERSION]).
-        embedder = served_model(self.registry)
-        await self.engine.load(version, embedder=embedder)
-        model = self.model
-        metrics.set_model_info(self.name, model.name, model.version, model.digest)
+        await self.engine.load(version, embedder=served_model(self.registry))
 
     async def stop(self) -> None:
         if self.follower is not None:
