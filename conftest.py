@@ -59,3 +59,21 @@ def classifier_models(embedding_model):
     from tiermesh.registry import Registry
 
     return dict(zip(MODELS, training.prepare(Registry()), strict=True))
+
+
+@pytest.fixture(scope="session")
+def bias_text_model():
+    """The published bias-text rules (built by set-up; built here if missing)."""
+    from services.bias import text
+    from tiermesh.registry import Registry
+
+    return text.prepare(Registry())
+
+
+@pytest.fixture(scope="session")
+def store_url():
+    """A valkey-server of the session's own on a free port."""
+    from tiermesh.testing import running_store
+
+    with running_store() as url:
+        yield url

@@ -146,9 +146,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         llm = prepare_llm(registry, force=args.force)
         print(f"{llm.name} {llm.version} {llm.digest} at {llm.path}")
+        from services.bias import text
         from services.classifiers import training
 
-        for model in training.prepare(registry):
+        for model in [*training.prepare(registry), text.prepare(registry)]:
             print(f"{model.name} {model.version} {model.digest} at {model.path}")
         return 0
     if args.models_command in ("publish", "rollback"):
@@ -286,11 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("name")
     models.set_defaults(run=cmd_models)
 
+    from services.bias.cli import add_commands as add_bias_commands
     from services.classifiers.cli import add_commands as add_classifier_commands
     from services.retriever.cli import add_commands as add_retriever_commands
 
     add_retriever_commands(sub)
     add_classifier_commands(sub)
+    add_bias_commands(sub)
 
     protos = sub.add_parser("protos", help="the generated Python stubs of protos/")
     protos_sub = protos.add_subparsers(dest="protos_command", required=True, metavar="ACTION")

@@ -49,6 +49,14 @@ class DeadlineExceeded(RpcError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def from_downstream(hop: str, error: grpc.aio.AioRpcError) -> RpcError:
+    """What to answer when a call to another tier failed: its deadline, or unavailable, naming it."""
+    detail = f"{hop}: {error.code().name}: {error.details()}"
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(detail)
+    return Unavailable(detail)
+
+
 def check_text(value: str, field: str, *, max_chars: int) -> None:
     """Reject empty, whitespace-only and oversized texts, naming the field."""
     if not value.strip():

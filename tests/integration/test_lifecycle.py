@@ -92,7 +92,7 @@ def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_up_outlives_its_command_and_down_stops_everything(
-    tmp_path, embedding_model, knowledge_index, language_model, classifier_models
+    tmp_path, embedding_model, knowledge_index, language_model, classifier_models, bias_text_model
 ):
     env = mesh_environ(tmp_path)
     up = _cli(env, "up", "--replicas", "retriever=1")
@@ -109,6 +109,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(
             "retriever": "SERVING",
             "llm": "SERVING",
             "classifiers": "SERVING",
+            "bias": "SERVING",
             "envoy": "LIVE",
         }
         again = _cli(env, "up")
@@ -116,7 +117,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(
     finally:
         down = _cli(env, "down")
     assert down.returncode == 0, down.stderr
-    for name in ("embedder", "retriever", "llm", "classifiers", "envoy", "store"):
+    for name in ("embedder", "retriever", "llm", "classifiers", "bias", "envoy", "store"):
         assert f"{name}: stopped" in down.stdout
     for name, entry in report.items():
         assert not _running(entry["pid"]), f"{name} still runs after down"

@@ -32,7 +32,8 @@ def stub(envoy):
 
 def test_status_reports_every_component_healthy(mesh):
     running, status = mesh
-    assert set(status) == {"store", "envoy", "embedder", "retriever", "retriever-2", "llm", "classifiers"}
+    tiers = {"embedder", "retriever", "retriever-2", "llm", "classifiers", "bias"}
+    assert set(status) == {"store", "envoy", *tiers}
     assert status["store"]["health"] == "SERVING" and status["store"]["url"].startswith("redis://127.0.0.1:")
     assert status["envoy"]["health"] == "LIVE" and status["envoy"]["admin"].startswith("127.0.0.1:")
     assert status["embedder"]["health"] == status["retriever-2"]["health"] == "SERVING"

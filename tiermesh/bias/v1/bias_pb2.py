@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from tiermesh.common.v1 import common_pb2 as tiermesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btiermesh/bias/v1/bias.proto\x12\x10tiermesh.bias.v1\x1a\x1ftiermesh/common/v1/common.proto\"\\\n\x10\x42ootstrapOptions\x12\x14\n\x07samples\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10\x63onfidence_level\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x42\n\n\x08_samples\"R\n\x12\x43onfidenceInterval\x12\r\n\x05lower\x18\x01 \x01(\x01\x12\r\n\x05upper\x18\x02 \x01(\x01\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x05\"\xb4\x01\n\x0cMetricResult\x12\x30\n\x06metric\x18\x01 \x01(\x0e\x32 .tiermesh.bias.v1.FairnessMetric\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tundefined\x18\x03 \x01(\x08\x12\x18\n\x10undefined_reason\x18\x04 \x01(\t\x12\x36\n\x08interval\x18\x05 \x01(\x0b\x32$.tiermesh.bias.v1.ConfidenceInterval\"H\n\x0cGroupSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x16\n\x0eselection_rate\x18\x02 \x01(\x01\x12\x11\n\tbase_rate\x18\x03 \x01(\x01\"\x8a\x01\n\x0c\x42iasEvidence\x12\x39\n\x0fprotected_class\x18\x01 \x01(\x0e\x32 .tiermesh.bias.v1.ProtectedClass\x12\x0c\n\x04span\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x15\n\rused_as_basis\x18\x05 \x01(\x08\"v\n\x0fTextBiasVerdict\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x0f\n\x07\x66lagged\x18\x02 \x01(\x08\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x30\n\x08\x65vidence\x18\x04 \x03(\x0b\x32\x1e.tiermesh.bias.v1.BiasEvidence\"f\n\x15\x43ounterfactualVariant\x12\x17\n\x0f\x61ttribute_value\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\"\x83\x01\n\nDivergence\x12\x15\n\rvariant_index\x18\x01 \x01(\x05\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .tiermesh.bias.v1.DivergenceKind\x12\x17\n\x0freference_value\x18\x03 \x01(\t\x12\x15\n\rvariant_value\x18\x04 \x01(\t\"\xba\x02\n\x18\x45valuateDecisionsRequest\x12\x13\n\x0btrue_labels\x18\x01 \x03(\x05\x12\x18\n\x10predicted_labels\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0f\x66\x61vorable_label\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x13protected_attribute\x18\x06 \x01(\t\x12\x18\n\x10protected_values\x18\x07 \x03(\t\x12\x19\n\x11privileged_values\x18\x08 \x03(\t\x12\x35\n\tbootstrap\x18\t \x01(\x0b\x32\".tiermesh.bias.v1.BootstrapOptionsB\x0c\n\n_thresholdB\x12\n\x10_favorable_label\"\x9e\x02\n\x19\x45valuateDecisionsResponse\x12/\n\x07metrics\x18\x01 \x03(\x0b\x32\x1e.tiermesh.bias.v1.MetricResult\x12\x38\n\x0b\x66our_fifths\x18\x02 \x01(\x0e\x32#.tiermesh.bias.v1.FourFifthsVerdict\x12\x32\n\nprivileged\x18\x03 \x01(\x0b\x32\x1e.tiermesh.bias.v1.GroupSummary\x12\x34\n\x0cunprivileged\x18\x04 \x01(\x0b\x32\x1e.tiermesh.bias.v1.GroupSummary\x12,\n\x05model\x18\x05 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\"7\n\x10ScoreTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"u\n\x11ScoreTextResponse\x12\x32\n\x07verdict\x18\x01 \x01(\x0b\x32!.tiermesh.bias.v1.TextBiasVerdict\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\"\xb7\x01\n\x1aProbeCounterfactualRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x33\n\tattribute\x18\x02 \x01(\x0e\x32 .tiermesh.bias.v1.ProtectedClass\x12\x0e\n\x06values\x18\x03 \x03(\t\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokens\"\xac\x02\n\x1bProbeCounterfactualResponse\x12\x39\n\x08variants\x18\x01 \x03(\x0b\x32\'.tiermesh.bias.v1.CounterfactualVariant\x12\x14\n\x0cparity_score\x18\x02 \x01(\x01\x12\x31\n\x0b\x64ivergences\x18\x03 \x03(\x0b\x32\x1c.tiermesh.bias.v1.Divergence\x12,\n\x05model\x18\x04 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\x12*\n\x03llm\x18\x05 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\x12/\n\x08\x65mbedder\x18\x06 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo*\x8a\x02\n\x0e\x46\x61irnessMetric\x12\x1f\n\x1b\x46\x41IRNESS_METRIC_UNSPECIFIED\x10\x00\x12\x31\n-FAIRNESS_METRIC_STATISTICAL_PARITY_DIFFERENCE\x10\x01\x12$\n FAIRNESS_METRIC_DISPARATE_IMPACT\x10\x02\x12\x30\n,FAIRNESS_METRIC_EQUAL_OPPORTUNITY_DIFFERENCE\x10\x03\x12+\n\'FAIRNESS_METRIC_AVERAGE_ODDS_DIFFERENCE\x10\x04\x12\x1f\n\x1b\x46\x41IRNESS_METRIC_THEIL_INDEX\x10\x05*\x97\x01\n\x11\x46ourFifthsVerdict\x12#\n\x1f\x46OUR_FIFTHS_VERDICT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46OUR_FIFTHS_VERDICT_PASS\x10\x01\x12\x1c\n\x18\x46OUR_FIFTHS_VERDICT_FAIL\x10\x02\x12!\n\x1d\x46OUR_FIFTHS_VERDICT_UNDEFINED\x10\x03*\xa6\x02\n\x0eProtectedClass\x12\x1f\n\x1bPROTECTED_CLASS_UNSPECIFIED\x10\x00\x12\x18\n\x14PROTECTED_CLASS_RACE\x10\x01\x12\x19\n\x15PROTECTED_CLASS_COLOR\x10\x02\x12\x1c\n\x18PROTECTED_CLASS_RELIGION\x10\x03\x12#\n\x1fPROTECTED_CLASS_NATIONAL_ORIGIN\x10\x04\x12\x17\n\x13PROTECTED_CLASS_SEX\x10\x05\x12\"\n\x1ePROTECTED_CLASS_MARITAL_STATUS\x10\x06\x12\x17\n\x13PROTECTED_CLASS_AGE\x10\x07\x12%\n!PROTECTED_CLASS_PUBLIC_ASSISTANCE\x10\x08*\xa3\x01\n\x0e\x44ivergenceKind\x12\x1f\n\x1b\x44IVERGENCE_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44IVERGENCE_KIND_SEMANTIC\x10\x01\x12\x1a\n\x16\x44IVERGENCE_KIND_AMOUNT\x10\x02\x12\x18\n\x14\x44IVERGENCE_KIND_RATE\x10\x03\x12\x1c\n\x18\x44IVERGENCE_KIND_DECISION\x10\x04\x32\xc5\x02\n\x0b\x42iasService\x12l\n\x11\x45valuateDecisions\x12*.tiermesh.bias.v1.EvaluateDecisionsRequest\x1a+.tiermesh.bias.v1.EvaluateDecisionsResponse\x12T\n\tScoreText\x12\".tiermesh.bias.v1.ScoreTextRequest\x1a#.tiermesh.bias.v1.ScoreTextResponse\x12r\n\x13ProbeCounterfactual\x12,.tiermesh.bias.v1.ProbeCounterfactualRequest\x1a-.tiermesh.bias.v1.ProbeCounterfactualResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btiermesh/bias/v1/bias.proto\x12\x10tiermesh.bias.v1\x1a\x1ftiermesh/common/v1/common.proto\"\\\n\x10\x42ootstrapOptions\x12\x14\n\x07samples\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10\x63onfidence_level\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x42\n\n\x08_samples\"R\n\x12\x43onfidenceInterval\x12\r\n\x05lower\x18\x01 \x01(\x01\x12\r\n\x05upper\x18\x02 \x01(\x01\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x05\"\xb4\x01\n\x0cMetricResult\x12\x30\n\x06metric\x18\x01 \x01(\x0e\x32 .tiermesh.bias.v1.FairnessMetric\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tundefined\x18\x03 \x01(\x08\x12\x18\n\x10undefined_reason\x18\x04 \x01(\t\x12\x36\n\x08interval\x18\x05 \x01(\x0b\x32$.tiermesh.bias.v1.ConfidenceInterval\"H\n\x0cGroupSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x16\n\x0eselection_rate\x18\x02 \x01(\x01\x12\x11\n\tbase_rate\x18\x03 \x01(\x01\"\xaa\x01\n\x0c\x42iasEvidence\x12\x39\n\x0fprotected_class\x18\x01 \x01(\x0e\x32 .tiermesh.bias.v1.ProtectedClass\x12\x0c\n\x04span\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x15\n\rused_as_basis\x18\x05 \x01(\x08\x12\x10\n\x08strength\x18\x06 \x01(\x01\x12\x0c\n\x04\x63ues\x18\x07 \x03(\t\"v\n\x0fTextBiasVerdict\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x0f\n\x07\x66lagged\x18\x02 \x01(\x08\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x30\n\x08\x65vidence\x18\x04 \x03(\x0b\x32\x1e.tiermesh.bias.v1.BiasEvidence\"f\n\x15\x43ounterfactualVariant\x12\x17\n\x0f\x61ttribute_value\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\"\x83\x01\n\nDivergence\x12\x15\n\rvariant_index\x18\x01 \x01(\x05\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .tiermesh.bias.v1.DivergenceKind\x12\x17\n\x0freference_value\x18\x03 \x01(\t\x12\x15\n\rvariant_value\x18\x04 \x01(\t\"\xf7\x02\n\rDecisionBatch\x12\x13\n\x0btrue_labels\x18\x01 \x03(\x05\x12\x18\n\x10predicted_labels\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0f\x66\x61vorable_label\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x13protected_attribute\x18\x06 \x01(\t\x12\x18\n\x10protected_values\x18\x07 \x03(\t\x12\x19\n\x11privileged_values\x18\x08 \x03(\t\x12H\n\rlabel_mapping\x18\t \x03(\x0b\x32\x31.tiermesh.bias.v1.DecisionBatch.LabelMappingEntry\x1a\x33\n\x11LabelMappingEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x42\x0c\n\n_thresholdB\x12\n\x10_favorable_label\"\xe5\x01\n\x0e\x46\x61irnessReport\x12/\n\x07metrics\x18\x01 \x03(\x0b\x32\x1e.tiermesh.bias.v1.MetricResult\x12\x38\n\x0b\x66our_fifths\x18\x02 \x01(\x0e\x32#.tiermesh.bias.v1.FourFifthsVerdict\x12\x32\n\nprivileged\x18\x03 \x01(\x0b\x32\x1e.tiermesh.bias.v1.GroupSummary\x12\x34\n\x0cunprivileged\x18\x04 \x01(\x0b\x32\x1e.tiermesh.bias.v1.GroupSummary\"\x85\x01\n\x18\x45valuateDecisionsRequest\x12\x32\n\tdecisions\x18\x01 \x01(\x0b\x32\x1f.tiermesh.bias.v1.DecisionBatch\x12\x35\n\tbootstrap\x18\x02 \x01(\x0b\x32\".tiermesh.bias.v1.BootstrapOptions\"{\n\x19\x45valuateDecisionsResponse\x12\x30\n\x06report\x18\x01 \x01(\x0b\x32 .tiermesh.bias.v1.FairnessReport\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\"X\n\x0e\x44\x65\x63isionWindow\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x1b\n\x13protected_attribute\x18\x03 \x01(\t\"w\n\x16RecordDecisionsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x32\n\tdecisions\x18\x03 \x01(\x0b\x32\x1f.tiermesh.bias.v1.DecisionBatch\"\x99\x01\n\x17RecordDecisionsResponse\x12\x30\n\x06window\x18\x01 \x01(\x0b\x32 .tiermesh.bias.v1.DecisionWindow\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x03\x12,\n\x05model\x18\x04 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\"\x80\x01\n\x15\x45valuateWindowRequest\x12\x30\n\x06window\x18\x01 \x01(\x0b\x32 .tiermesh.bias.v1.DecisionWindow\x12\x35\n\tbootstrap\x18\x02 \x01(\x0b\x32\".tiermesh.bias.v1.BootstrapOptions\"\xf8\x01\n\x16\x45valuateWindowResponse\x12\x30\n\x06window\x18\x01 \x01(\x0b\x32 .tiermesh.bias.v1.DecisionWindow\x12\x30\n\x06report\x18\x02 \x01(\x0b\x32 .tiermesh.bias.v1.FairnessReport\x12\x11\n\tdecisions\x18\x03 \x01(\x03\x12\x1e\n\x16\x64\x65\x63isions_with_outcome\x18\x04 \x01(\x03\x12\x19\n\x11privileged_values\x18\x05 \x03(\t\x12,\n\x05model\x18\x06 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\"7\n\x10ScoreTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"u\n\x11ScoreTextResponse\x12\x32\n\x07verdict\x18\x01 \x01(\x0b\x32!.tiermesh.bias.v1.TextBiasVerdict\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\"\xe1\x01\n\x1aProbeCounterfactualRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x33\n\tattribute\x18\x02 \x01(\x0e\x32 .tiermesh.bias.v1.ProtectedClass\x12\x0e\n\x06values\x18\x03 \x03(\t\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0e\n\x0c_temperature\"\xac\x02\n\x1bProbeCounterfactualResponse\x12\x39\n\x08variants\x18\x01 \x03(\x0b\x32\'.tiermesh.bias.v1.CounterfactualVariant\x12\x14\n\x0cparity_score\x18\x02 \x01(\x01\x12\x31\n\x0b\x64ivergences\x18\x03 \x03(\x0b\x32\x1c.tiermesh.bias.v1.Divergence\x12,\n\x05model\x18\x04 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\x12*\n\x03llm\x18\x05 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\x12/\n\x08\x65mbedder\x18\x06 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo*\x8a\x02\n\x0e\x46\x61irnessMetric\x12\x1f\n\x1b\x46\x41IRNESS_METRIC_UNSPECIFIED\x10\x00\x12\x31\n-FAIRNESS_METRIC_STATISTICAL_PARITY_DIFFERENCE\x10\x01\x12$\n FAIRNESS_METRIC_DISPARATE_IMPACT\x10\x02\x12\x30\n,FAIRNESS_METRIC_EQUAL_OPPORTUNITY_DIFFERENCE\x10\x03\x12+\n\'FAIRNESS_METRIC_AVERAGE_ODDS_DIFFERENCE\x10\x04\x12\x1f\n\x1b\x46\x41IRNESS_METRIC_THEIL_INDEX\x10\x05*\x97\x01\n\x11\x46ourFifthsVerdict\x12#\n\x1f\x46OUR_FIFTHS_VERDICT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46OUR_FIFTHS_VERDICT_PASS\x10\x01\x12\x1c\n\x18\x46OUR_FIFTHS_VERDICT_FAIL\x10\x02\x12!\n\x1d\x46OUR_FIFTHS_VERDICT_UNDEFINED\x10\x03*\xa6\x02\n\x0eProtectedClass\x12\x1f\n\x1bPROTECTED_CLASS_UNSPECIFIED\x10\x00\x12\x18\n\x14PROTECTED_CLASS_RACE\x10\x01\x12\x19\n\x15PROTECTED_CLASS_COLOR\x10\x02\x12\x1c\n\x18PROTECTED_CLASS_RELIGION\x10\x03\x12#\n\x1fPROTECTED_CLASS_NATIONAL_ORIGIN\x10\x04\x12\x17\n\x13PROTECTED_CLASS_SEX\x10\x05\x12\"\n\x1ePROTECTED_CLASS_MARITAL_STATUS\x10\x06\x12\x17\n\x13PROTECTED_CLASS_AGE\x10\x07\x12%\n!PROTECTED_CLASS_PUBLIC_ASSISTANCE\x10\x08*\xa3\x01\n\x0e\x44ivergenceKind\x12\x1f\n\x1b\x44IVERGENCE_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44IVERGENCE_KIND_SEMANTIC\x10\x01\x12\x1a\n\x16\x44IVERGENCE_KIND_AMOUNT\x10\x02\x12\x18\n\x14\x44IVERGENCE_KIND_RATE\x10\x03\x12\x1c\n\x18\x44IVERGENCE_KIND_DECISION\x10\x04\x32\x92\x04\n\x0b\x42iasService\x12l\n\x11\x45valuateDecisions\x12*.tiermesh.bias.v1.EvaluateDecisionsRequest\x1a+.tiermesh.bias.v1.EvaluateDecisionsResponse\x12T\n\tScoreText\x12\".tiermesh.bias.v1.ScoreTextRequest\x1a#.tiermesh.bias.v1.ScoreTextResponse\x12r\n\x13ProbeCounterfactual\x12,.tiermesh.bias.v1.ProbeCounterfactualRequest\x1a-.tiermesh.bias.v1.ProbeCounterfactualResponse\x12\x66\n\x0fRecordDecisions\x12(.tiermesh.bias.v1.RecordDecisionsRequest\x1a).tiermesh.bias.v1.RecordDecisionsResponse\x12\x63\n\x0e\x45valuateWindow\x12\'.tiermesh.bias.v1.EvaluateWindowRequest\x1a(.tiermesh.bias.v1.EvaluateWindowResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tiermesh.bias.v1.bias_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAIRNESSMETRIC']._serialized_start=2288
-  _globals['_FAIRNESSMETRIC']._serialized_end=2554
-  _globals['_FOURFIFTHSVERDICT']._serialized_start=2557
-  _globals['_FOURFIFTHSVERDICT']._serialized_end=2708
-  _globals['_PROTECTEDCLASS']._serialized_start=2711
-  _globals['_PROTECTEDCLASS']._serialized_end=3005
-  _globals['_DIVERGENCEKIND']._serialized_start=3008
-  _globals['_DIVERGENCEKIND']._serialized_end=3171
+  _globals['_DECISIONBATCH_LABELMAPPINGENTRY']._loaded_options = None
+  _globals['_DECISIONBATCH_LABELMAPPINGENTRY']._serialized_options = b'8\001'
+  _globals['_FAIRNESSMETRIC']._serialized_start=3376
+  _globals['_FAIRNESSMETRIC']._serialized_end=3642
+  _globals['_FOURFIFTHSVERDICT']._serialized_start=3645
+  _globals['_FOURFIFTHSVERDICT']._serialized_end=3796
+  _globals['_PROTECTEDCLASS']._serialized_start=3799
+  _globals['_PROTECTEDCLASS']._serialized_end=4093
+  _globals['_DIVERGENCEKIND']._serialized_start=4096
+  _globals['_DIVERGENCEKIND']._serialized_end=4259
   _globals['_BOOTSTRAPOPTIONS']._serialized_start=82
   _globals['_BOOTSTRAPOPTIONS']._serialized_end=174
   _globals['_CONFIDENCEINTERVAL']._serialized_start=176
@@ -49,25 +51,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GROUPSUMMARY']._serialized_start=443
   _globals['_GROUPSUMMARY']._serialized_end=515
   _globals['_BIASEVIDENCE']._serialized_start=518
-  _globals['_BIASEVIDENCE']._serialized_end=656
-  _globals['_TEXTBIASVERDICT']._serialized_start=658
-  _globals['_TEXTBIASVERDICT']._serialized_end=776
-  _globals['_COUNTERFACTUALVARIANT']._serialized_start=778
-  _globals['_COUNTERFACTUALVARIANT']._serialized_end=880
-  _globals['_DIVERGENCE']._serialized_start=883
-  _globals['_DIVERGENCE']._serialized_end=1014
-  _globals['_EVALUATEDECISIONSREQUEST']._serialized_start=1017
-  _globals['_EVALUATEDECISIONSREQUEST']._serialized_end=1331
-  _globals['_EVALUATEDECISIONSRESPONSE']._serialized_start=1334
-  _globals['_EVALUATEDECISIONSRESPONSE']._serialized_end=1620
-  _globals['_SCORETEXTREQUEST']._serialized_start=1622
-  _globals['_SCORETEXTREQUEST']._serialized_end=1677
-  _globals['_SCORETEXTRESPONSE']._serialized_start=1679
-  _globals['_SCORETEXTRESPONSE']._serialized_end=1796
-  _globals['_PROBECOUNTERFACTUALREQUEST']._serialized_start=1799
-  _globals['_PROBECOUNTERFACTUALREQUEST']._serialized_end=1982
-  _globals['_PROBECOUNTERFACTUALRESPONSE']._serialized_start=1985
-  _globals['_PROBECOUNTERFACTUALRESPONSE']._serialized_end=2285
-  _globals['_BIASSERVICE']._serialized_start=3174
-  _globals['_BIASSERVICE']._serialized_end=3499
+  _globals['_BIASEVIDENCE']._serialized_end=688
+  _globals['_TEXTBIASVERDICT']._serialized_start=690
+  _globals['_TEXTBIASVERDICT']._serialized_end=808
+  _globals['_COUNTERFACTUALVARIANT']._serialized_start=810
+  _globals['_COUNTERFACTUALVARIANT']._serialized_end=912
+  _globals['_DIVERGENCE']._serialized_start=915
+  _globals['_DIVERGENCE']._serialized_end=1046
+  _globals['_DECISIONBATCH']._serialized_start=1049
+  _globals['_DECISIONBATCH']._serialized_end=1424
+  _globals['_DECISIONBATCH_LABELMAPPINGENTRY']._serialized_start=1339
+  _globals['_DECISIONBATCH_LABELMAPPINGENTRY']._serialized_end=1390
+  _globals['_FAIRNESSREPORT']._serialized_start=1427
+  _globals['_FAIRNESSREPORT']._serialized_end=1656
+  _globals['_EVALUATEDECISIONSREQUEST']._serialized_start=1659
+  _globals['_EVALUATEDECISIONSREQUEST']._serialized_end=1792
+  _globals['_EVALUATEDECISIONSRESPONSE']._serialized_start=1794
+  _globals['_EVALUATEDECISIONSRESPONSE']._serialized_end=1917
+  _globals['_DECISIONWINDOW']._serialized_start=1919
+  _globals['_DECISIONWINDOW']._serialized_end=2007
+  _globals['_RECORDDECISIONSREQUEST']._serialized_start=2009
+  _globals['_RECORDDECISIONSREQUEST']._serialized_end=2128
+  _globals['_RECORDDECISIONSRESPONSE']._serialized_start=2131
+  _globals['_RECORDDECISIONSRESPONSE']._serialized_end=2284
+  _globals['_EVALUATEWINDOWREQUEST']._serialized_start=2287
+  _globals['_EVALUATEWINDOWREQUEST']._serialized_end=2415
+  _globals['_EVALUATEWINDOWRESPONSE']._serialized_start=2418
+  _globals['_EVALUATEWINDOWRESPONSE']._serialized_end=2666
+  _globals['_SCORETEXTREQUEST']._serialized_start=2668
+  _globals['_SCORETEXTREQUEST']._serialized_end=2723
+  _globals['_SCORETEXTRESPONSE']._serialized_start=2725
+  _globals['_SCORETEXTRESPONSE']._serialized_end=2842
+  _globals['_PROBECOUNTERFACTUALREQUEST']._serialized_start=2845
+  _globals['_PROBECOUNTERFACTUALREQUEST']._serialized_end=3070
+  _globals['_PROBECOUNTERFACTUALRESPONSE']._serialized_start=3073
+  _globals['_PROBECOUNTERFACTUALRESPONSE']._serialized_end=3373
+  _globals['_BIASSERVICE']._serialized_start=4262
+  _globals['_BIASSERVICE']._serialized_end=4792
 # @@protoc_insertion_point(module_scope)

@@ -115,18 +115,22 @@ class GroupSummary(_message.Message):
     def __init__(self, count: _Optional[int] = ..., selection_rate: _Optional[float] = ..., base_rate: _Optional[float] = ...) -> None: ...
 
 class BiasEvidence(_message.Message):
-    __slots__ = ("protected_class", "span", "start", "end", "used_as_basis")
+    __slots__ = ("protected_class", "span", "start", "end", "used_as_basis", "strength", "cues")
     PROTECTED_CLASS_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     USED_AS_BASIS_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    CUES_FIELD_NUMBER: _ClassVar[int]
     protected_class: ProtectedClass
     span: str
     start: int
     end: int
     used_as_basis: bool
-    def __init__(self, protected_class: _Optional[_Union[ProtectedClass, str]] = ..., span: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., used_as_basis: _Optional[bool] = ...) -> None: ...
+    strength: float
+    cues: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protected_class: _Optional[_Union[ProtectedClass, str]] = ..., span: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., used_as_basis: _Optional[bool] = ..., strength: _Optional[float] = ..., cues: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TextBiasVerdict(_message.Message):
     __slots__ = ("score", "flagged", "threshold", "evidence")
@@ -164,8 +168,15 @@ class Divergence(_message.Message):
     variant_value: str
     def __init__(self, variant_index: _Optional[int] = ..., kind: _Optional[_Union[DivergenceKind, str]] = ..., reference_value: _Optional[str] = ..., variant_value: _Optional[str] = ...) -> None: ...
 
-class EvaluateDecisionsRequest(_message.Message):
-    __slots__ = ("true_labels", "predicted_labels", "scores", "threshold", "favorable_label", "protected_attribute", "protected_values", "privileged_values", "bootstrap")
+class DecisionBatch(_message.Message):
+    __slots__ = ("true_labels", "predicted_labels", "scores", "threshold", "favorable_label", "protected_attribute", "protected_values", "privileged_values", "label_mapping")
+    class LabelMappingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     TRUE_LABELS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_LABELS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
@@ -174,7 +185,7 @@ class EvaluateDecisionsRequest(_message.Message):
     PROTECTED_ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     PROTECTED_VALUES_FIELD_NUMBER: _ClassVar[int]
     PRIVILEGED_VALUES_FIELD_NUMBER: _ClassVar[int]
-    BOOTSTRAP_FIELD_NUMBER: _ClassVar[int]
+    LABEL_MAPPING_FIELD_NUMBER: _ClassVar[int]
     true_labels: _containers.RepeatedScalarFieldContainer[int]
     predicted_labels: _containers.RepeatedScalarFieldContainer[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
@@ -183,22 +194,92 @@ class EvaluateDecisionsRequest(_message.Message):
     protected_attribute: str
     protected_values: _containers.RepeatedScalarFieldContainer[str]
     privileged_values: _containers.RepeatedScalarFieldContainer[str]
-    bootstrap: BootstrapOptions
-    def __init__(self, true_labels: _Optional[_Iterable[int]] = ..., predicted_labels: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., threshold: _Optional[float] = ..., favorable_label: _Optional[int] = ..., protected_attribute: _Optional[str] = ..., protected_values: _Optional[_Iterable[str]] = ..., privileged_values: _Optional[_Iterable[str]] = ..., bootstrap: _Optional[_Union[BootstrapOptions, _Mapping]] = ...) -> None: ...
+    label_mapping: _containers.ScalarMap[int, int]
+    def __init__(self, true_labels: _Optional[_Iterable[int]] = ..., predicted_labels: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., threshold: _Optional[float] = ..., favorable_label: _Optional[int] = ..., protected_attribute: _Optional[str] = ..., protected_values: _Optional[_Iterable[str]] = ..., privileged_values: _Optional[_Iterable[str]] = ..., label_mapping: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
-class EvaluateDecisionsResponse(_message.Message):
-    __slots__ = ("metrics", "four_fifths", "privileged", "unprivileged", "model")
+class FairnessReport(_message.Message):
+    __slots__ = ("metrics", "four_fifths", "privileged", "unprivileged")
     METRICS_FIELD_NUMBER: _ClassVar[int]
     FOUR_FIFTHS_FIELD_NUMBER: _ClassVar[int]
     PRIVILEGED_FIELD_NUMBER: _ClassVar[int]
     UNPRIVILEGED_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
     metrics: _containers.RepeatedCompositeFieldContainer[MetricResult]
     four_fifths: FourFifthsVerdict
     privileged: GroupSummary
     unprivileged: GroupSummary
+    def __init__(self, metrics: _Optional[_Iterable[_Union[MetricResult, _Mapping]]] = ..., four_fifths: _Optional[_Union[FourFifthsVerdict, str]] = ..., privileged: _Optional[_Union[GroupSummary, _Mapping]] = ..., unprivileged: _Optional[_Union[GroupSummary, _Mapping]] = ...) -> None: ...
+
+class EvaluateDecisionsRequest(_message.Message):
+    __slots__ = ("decisions", "bootstrap")
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_FIELD_NUMBER: _ClassVar[int]
+    decisions: DecisionBatch
+    bootstrap: BootstrapOptions
+    def __init__(self, decisions: _Optional[_Union[DecisionBatch, _Mapping]] = ..., bootstrap: _Optional[_Union[BootstrapOptions, _Mapping]] = ...) -> None: ...
+
+class EvaluateDecisionsResponse(_message.Message):
+    __slots__ = ("report", "model")
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    report: FairnessReport
     model: _common_pb2.ModelInfo
-    def __init__(self, metrics: _Optional[_Iterable[_Union[MetricResult, _Mapping]]] = ..., four_fifths: _Optional[_Union[FourFifthsVerdict, str]] = ..., privileged: _Optional[_Union[GroupSummary, _Mapping]] = ..., unprivileged: _Optional[_Union[GroupSummary, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+    def __init__(self, report: _Optional[_Union[FairnessReport, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class DecisionWindow(_message.Message):
+    __slots__ = ("model_name", "model_version", "protected_attribute")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    protected_attribute: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., protected_attribute: _Optional[str] = ...) -> None: ...
+
+class RecordDecisionsRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "decisions")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    decisions: DecisionBatch
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., decisions: _Optional[_Union[DecisionBatch, _Mapping]] = ...) -> None: ...
+
+class RecordDecisionsResponse(_message.Message):
+    __slots__ = ("window", "size", "capacity", "model")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    window: DecisionWindow
+    size: int
+    capacity: int
+    model: _common_pb2.ModelInfo
+    def __init__(self, window: _Optional[_Union[DecisionWindow, _Mapping]] = ..., size: _Optional[int] = ..., capacity: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class EvaluateWindowRequest(_message.Message):
+    __slots__ = ("window", "bootstrap")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_FIELD_NUMBER: _ClassVar[int]
+    window: DecisionWindow
+    bootstrap: BootstrapOptions
+    def __init__(self, window: _Optional[_Union[DecisionWindow, _Mapping]] = ..., bootstrap: _Optional[_Union[BootstrapOptions, _Mapping]] = ...) -> None: ...
+
+class EvaluateWindowResponse(_message.Message):
+    __slots__ = ("window", "report", "decisions", "decisions_with_outcome", "privileged_values", "model")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_WITH_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    PRIVILEGED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    window: DecisionWindow
+    report: FairnessReport
+    decisions: int
+    decisions_with_outcome: int
+    privileged_values: _containers.RepeatedScalarFieldContainer[str]
+    model: _common_pb2.ModelInfo
+    def __init__(self, window: _Optional[_Union[DecisionWindow, _Mapping]] = ..., report: _Optional[_Union[FairnessReport, _Mapping]] = ..., decisions: _Optional[int] = ..., decisions_with_outcome: _Optional[int] = ..., privileged_values: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ScoreTextRequest(_message.Message):
     __slots__ = ("text", "model_version")
@@ -217,18 +298,20 @@ class ScoreTextResponse(_message.Message):
     def __init__(self, verdict: _Optional[_Union[TextBiasVerdict, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ProbeCounterfactualRequest(_message.Message):
-    __slots__ = ("question", "attribute", "values", "seed", "max_tokens")
+    __slots__ = ("question", "attribute", "values", "seed", "max_tokens", "temperature")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     question: str
     attribute: ProtectedClass
     values: _containers.RepeatedScalarFieldContainer[str]
     seed: int
     max_tokens: int
-    def __init__(self, question: _Optional[str] = ..., attribute: _Optional[_Union[ProtectedClass, str]] = ..., values: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    temperature: float
+    def __init__(self, question: _Optional[str] = ..., attribute: _Optional[_Union[ProtectedClass, str]] = ..., values: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class ProbeCounterfactualResponse(_message.Message):
     __slots__ = ("variants", "parity_score", "divergences", "model", "llm", "embedder")

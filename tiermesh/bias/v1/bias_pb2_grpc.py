@@ -51,6 +51,16 @@ class BiasServiceStub:
                 request_serializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.ProbeCounterfactualRequest.SerializeToString,
                 response_deserializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.ProbeCounterfactualResponse.FromString,
                 _registered_method=True)
+        self.RecordDecisions = channel.unary_unary(
+                '/tiermesh.bias.v1.BiasService/RecordDecisions',
+                request_serializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.RecordDecisionsRequest.SerializeToString,
+                response_deserializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.RecordDecisionsResponse.FromString,
+                _registered_method=True)
+        self.EvaluateWindow = channel.unary_unary(
+                '/tiermesh.bias.v1.BiasService/EvaluateWindow',
+                request_serializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.EvaluateWindowRequest.SerializeToString,
+                response_deserializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.EvaluateWindowResponse.FromString,
+                _registered_method=True)
 
 
 class BiasServiceServicer:
@@ -80,6 +90,20 @@ class BiasServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordDecisions(self, request, context):
+        """Append a model version's decisions to its rolling monitoring window, kept in the store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateWindow(self, request, context):
+        """Recompute the group metrics over a monitoring window (also exported as Prometheus gauges).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BiasServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +121,16 @@ def add_BiasServiceServicer_to_server(servicer, server):
                     servicer.ProbeCounterfactual,
                     request_deserializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.ProbeCounterfactualRequest.FromString,
                     response_serializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.ProbeCounterfactualResponse.SerializeToString,
+            ),
+            'RecordDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordDecisions,
+                    request_deserializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.RecordDecisionsRequest.FromString,
+                    response_serializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.RecordDecisionsResponse.SerializeToString,
+            ),
+            'EvaluateWindow': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateWindow,
+                    request_deserializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.EvaluateWindowRequest.FromString,
+                    response_serializer=tiermesh_dot_bias_dot_v1_dot_bias__pb2.EvaluateWindowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +216,60 @@ class BiasService:
             '/tiermesh.bias.v1.BiasService/ProbeCounterfactual',
             tiermesh_dot_bias_dot_v1_dot_bias__pb2.ProbeCounterfactualRequest.SerializeToString,
             tiermesh_dot_bias_dot_v1_dot_bias__pb2.ProbeCounterfactualResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tiermesh.bias.v1.BiasService/RecordDecisions',
+            tiermesh_dot_bias_dot_v1_dot_bias__pb2.RecordDecisionsRequest.SerializeToString,
+            tiermesh_dot_bias_dot_v1_dot_bias__pb2.RecordDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateWindow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tiermesh.bias.v1.BiasService/EvaluateWindow',
+            tiermesh_dot_bias_dot_v1_dot_bias__pb2.EvaluateWindowRequest.SerializeToString,
+            tiermesh_dot_bias_dot_v1_dot_bias__pb2.EvaluateWindowResponse.FromString,
             options,
             channel_credentials,
             insecure,
