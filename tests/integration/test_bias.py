@@ -116,7 +116,7 @@ def test_a_counterfactual_probe_is_answered_by_the_real_llm_and_embedder(
     assert [v.answer for v in again.variants] == [v.answer for v in found.variants]
 
 
-def test_a_probe_with_the_embedder_unreachable_names_the_hop(tmp_path, bias_text_model):
+def test_a_probe_with_the_llm_unreachable_names_the_hop(tmp_path, bias_text_model):
     from tiermesh.testing import only, running_mesh
 
     with (
