@@ -84,6 +84,18 @@ def announce_latest(store_url: str | None, version: ModelVersion, progress: Call
     progress(f"{version.name}: latest -> {version.version}; announced to {listeners} replica(s)")
 
 
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation of this task that a library call swallowed.
+
+    redis-py can absorb the CancelledError of a task cancelled inside one of its calls (returning
+    normally or raising a connection error); a loop around such calls would then never stop.
+    Call this after each one: `Task.cancelling()` still counts the request.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Loaded(Protocol):
     """What a `ModelSlot` holds: a model opened from one registry version."""
 
@@ -213,9 +225,11 @@ class Follower:
                     logger.info("%s: following %s on %s", self.tier, channel(self.name), self.store_url)
                     await self.converge("subscribed")  # catch up on what was missed meanwhile
                     async for message in pubsub.listen():
+                        raise_if_cancelled()
                         if message.get("type") == "message":
                             await self.converge("announcement")
             except (redis.RedisError, OSError) as error:
+                raise_if_cancelled()
                 self.subscribed.clear()
                 logger.warning(
                     "%s: store unreachable (%s); periodic checks continue, reconnecting in %.1fs",

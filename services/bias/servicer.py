@@ -24,7 +24,7 @@ from tiermesh.bias.v1 import bias_pb2, bias_pb2_grpc
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from tiermesh.errors import FailedPrecondition, InvalidArgument, Unavailable, check_text, from_downstream
-from tiermesh.hotswap import Follower, ModelSlot
+from tiermesh.hotswap import Follower, ModelSlot, raise_if_cancelled
 from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
 from tiermesh.registry import LATEST, ModelVersion, Registry, file_sha256
 
@@ -140,6 +140,7 @@ class BiasTier(bias_pb2_grpc.BiasServiceServicer):
                 await self.monitor.refresh()
             except (redis.RedisError, OSError, ValueError) as error:
                 logger.warning("bias: cannot refresh the monitoring gauges: %s", error)
+            raise_if_cancelled()
             await asyncio.sleep(self.config.monitor_interval_s)
 
     # -- RPCs ------------------------------------------------------------------------------------
