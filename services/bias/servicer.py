@@ -17,8 +17,10 @@ import numpy as np
 import redis
 from prometheus_client import Counter, Histogram
 
+from services.bias import PROTECTED_CLASSES as CLASSES
 from services.bias import counterfactual, fairness, monitor, text
 from services.bias.config import BiasConfig
+from services.bias.fairness import METRICS
 from tiermesh import telemetry
 from tiermesh.bias.v1 import bias_pb2, bias_pb2_grpc
 from tiermesh.common.v1 import common_pb2
@@ -41,10 +43,14 @@ PROBE_MODEL = common_pb2.ModelInfo(
     digest="sha256:" + file_sha256(Path(counterfactual.__file__)),
 )
 DEFAULT_BOOTSTRAP = 1000
-METRIC_ENUM = {name: index + 1 for index, name in enumerate(fairness.METRICS)}  # proto enum order
-CLASS_ENUM = {name: index + 1 for index, name in enumerate(text.CLASSES)}
+# Engine names to proto enum values, by name (e.g. "age" -> PROTECTED_CLASS_AGE).
+METRIC_ENUM = {name: bias_pb2.FairnessMetric.Value(f"FAIRNESS_METRIC_{name.upper()}") for name in METRICS}
+CLASS_ENUM = {name: bias_pb2.ProtectedClass.Value(f"PROTECTED_CLASS_{name.upper()}") for name in CLASSES}
 CLASS_OF_ENUM = {number: name for name, number in CLASS_ENUM.items()}
-DIVERGENCE_ENUM = {"semantic": 1, "amount": 2, "rate": 3, "decision": 4}
+DIVERGENCE_ENUM = {
+    kind: bias_pb2.DivergenceKind.Value(f"DIVERGENCE_KIND_{kind.upper()}")
+    for kind in ("semantic", "amount", "rate", "decision")
+}
 
 TEXT_SCORES = Histogram(
     "tiermesh_bias_text_score",
@@ -83,10 +89,6 @@ class BiasTier(bias_pb2_grpc.BiasServiceServicer):
     def model(self) -> common_pb2.ModelInfo:
         loaded = self.slot.current
         return _info(loaded.version) if loaded else common_pb2.ModelInfo()
-
-    @property
-    def models(self) -> list[common_pb2.ModelInfo]:
-        return [self.model]
 
     def model_for(self, method: str) -> common_pb2.ModelInfo:
         return self.model if method.endswith("/ScoreText") else METRICS_MODEL
@@ -157,7 +159,7 @@ class BiasTier(bias_pb2_grpc.BiasServiceServicer):
         )
 
     async def ScoreText(self, request: bias_pb2.ScoreTextRequest, context: Any):
-        model = self._text_model(request.model_version)
+        model = self.slot.serving(request.model_version, self.registry)
         check_text(request.text, "text", max_chars=self.config.max_text_chars)
         threshold = self.config.text_threshold if self.config.text_threshold >= 0 else None
         # Pure CPU work well under a millisecond for advice-sized texts: inline beats a thread hop.
@@ -276,16 +278,6 @@ class BiasTier(bias_pb2_grpc.BiasServiceServicer):
         )
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    def _text_model(self, wanted: str) -> text.TextModel:
-        loaded = self.slot.current
-        if loaded is None:
-            raise Unavailable("bias: the bias-text rules are still loading")
-        if wanted and wanted != loaded.version.version:
-            raise InvalidArgument(
-                "model_version", f"{wanted[:40]!r}: this replica serves {text.NAME} {loaded.version.version}"
-            )
-        return loaded
 
     def _monitor(self) -> monitor.Monitor:
         if self.monitor is None:

@@ -31,23 +31,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from services.bias import PROTECTED_CLASSES
 from tiermesh.registry import ModelVersion, Registry, RegistryError
 
 NAME = "bias-text"
 DATA = Path(__file__).parent / "data" / "text"
 RULES = "rules.json"
 THRESHOLD = 0.3
-# In the order of the proto's ProtectedClass enum.
-CLASSES = (
-    "race",
-    "color",
-    "religion",
-    "national_origin",
-    "sex",
-    "marital_status",
-    "age",
-    "public_assistance",
-)
+CLASSES = PROTECTED_CLASSES
 SCOPES = ("before", "after", "sentence", "sentence_and_next", "later_advice")
 # A new sentence starts after . ! or ? and a space, before something that can open a sentence
 # (so "6.5%", "U.S. credit" and "$1.5 million" stay whole).
@@ -73,11 +64,15 @@ class Verdict:
     evidence: tuple[Evidence, ...]
 
 
-def _alternation(patterns: list[str], where: str) -> re.Pattern[str]:
+def _alternation(patterns: list[str], where: str, *, anchored: bool = False) -> re.Pattern[str]:
+    """Any of `patterns` as a whole word, case-insensitively; `anchored`: only at the start of the
+    searched text, after optional spaces (cues just after a mention)."""
     if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{where}: expected a non-empty list of regular expressions")
+    start = r"\s*" if anchored else r"(?<!\w)"
+    alternatives = "|".join(f"(?:{p})" for p in patterns)
     try:
-        return re.compile(r"(?<!\w)(?:" + "|".join(f"(?:{p})" for p in patterns) + r")(?!\w)", re.IGNORECASE)
+        return re.compile(f"{start}(?:{alternatives})(?!\\w)", re.IGNORECASE)
     except re.error as error:
         raise ValueError(f"{where}: {error}") from None
 
@@ -118,12 +113,9 @@ class Rules:
             weight = cue.get("weight")
             if not isinstance(weight, int | float) or not 0 < weight <= 1:
                 raise ValueError(f"{where}.weight: expected a number in (0, 1]")
-            pattern = cue.get("patterns")
-            if cue["scope"] == "after":  # anchored just after the mention
-                compiled = re.compile(r"\s*(?:" + "|".join(pattern) + r")(?!\w)", re.IGNORECASE)
-            else:
-                compiled = _alternation(pattern, f"{where}.patterns")
-            self.cues.append(_Cue(kind, float(weight), cue["scope"], compiled))
+            scope = cue["scope"]
+            compiled = _alternation(cue.get("patterns"), f"{where}.patterns", anchored=scope == "after")
+            self.cues.append(_Cue(kind, float(weight), scope, compiled))
         if not self.cues:
             raise ValueError("cues: expected at least one cue kind")
         self._advice = [cue for cue in self.cues if cue.scope == "sentence_and_next"]

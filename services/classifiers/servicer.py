@@ -18,7 +18,7 @@ from services.classifiers.intent import IntentModel
 from services.classifiers.ner import EntityModel
 from tiermesh.classifiers.v1 import classifiers_pb2, classifiers_pb2_grpc
 from tiermesh.common.v1 import common_pb2
-from tiermesh.errors import InvalidArgument, Unavailable, check_text
+from tiermesh.errors import InvalidArgument, check_text
 from tiermesh.hotswap import Follower, ModelSlot
 from tiermesh.registry import LATEST, ModelVersion, Registry
 
@@ -120,7 +120,7 @@ class ClassifiersTier(classifiers_pb2_grpc.ClassifiersServiceServicer):
     # -- RPCs ------------------------------------------------------------------------------------
 
     async def ClassifyIntent(self, request: classifiers_pb2.ClassifyIntentRequest, context: Any):
-        model: IntentModel = self._serving("intent", request.model_version)
+        model: IntentModel = self.slots["intent"].serving(request.model_version, self.registry)
         check_text(request.text, "text", max_chars=self.config.max_text_chars)
         threshold = self.config.intent_threshold if self.config.intent_threshold >= 0 else None
         (found,) = await self._run(lambda: model.classify([request.text], threshold))
@@ -139,7 +139,7 @@ class ClassifiersTier(classifiers_pb2_grpc.ClassifiersServiceServicer):
         )
 
     async def ExtractEntities(self, request: classifiers_pb2.ExtractEntitiesRequest, context: Any):
-        model: EntityModel = self._serving("ner", request.model_version)
+        model: EntityModel = self.slots["ner"].serving(request.model_version, self.registry)
         check_text(request.text, "text", max_chars=self.config.max_text_chars)
         entities = await self._run(lambda: model.extract(request.text, currency=self.config.currency))
         return classifiers_pb2.ExtractEntitiesResponse(
@@ -161,7 +161,7 @@ class ClassifiersTier(classifiers_pb2_grpc.ClassifiersServiceServicer):
         )
 
     async def ScoreCreditRisk(self, request: classifiers_pb2.ScoreCreditRiskRequest, context: Any):
-        model: CreditModel = self._serving("credit", request.model_version)
+        model: CreditModel = self.slots["credit"].serving(request.model_version, self.registry)
         if not request.HasField("application"):
             raise InvalidArgument("application", "is required")
         row = np.array([[self._credit_feature(request.application, name) for name in model.features]])
@@ -183,7 +183,7 @@ class ClassifiersTier(classifiers_pb2_grpc.ClassifiersServiceServicer):
         )
 
     async def DetectAnomaly(self, request: classifiers_pb2.DetectAnomalyRequest, context: Any):
-        model: AnomalyModel = self._serving("anomaly", request.model_version)
+        model: AnomalyModel = self.slots["anomaly"].serving(request.model_version, self.registry)
         if not request.HasField("transaction"):
             raise InvalidArgument("transaction", "is required")
         transaction = request.transaction
@@ -225,21 +225,6 @@ class ClassifiersTier(classifiers_pb2_grpc.ClassifiersServiceServicer):
         )
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    def _serving(self, kind: str, wanted: str) -> Any:
-        loaded = self.slots[kind].current
-        if loaded is None:
-            raise Unavailable(f"classifiers: {MODELS[kind]} is still loading")
-        if wanted and wanted != loaded.version.version:
-            known = {v.version for v in self.registry.versions(MODELS[kind])}
-            reason = (
-                "is not a published version" if wanted not in known else "is published but not served here"
-            )
-            raise InvalidArgument(
-                "model_version",
-                f"{wanted[:40]!r} {reason}; this replica serves {MODELS[kind]} {loaded.version.version}",
-            )
-        return loaded
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)

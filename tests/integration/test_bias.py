@@ -3,7 +3,6 @@ exported decisions through the CLI, monitoring windows, and counterfactual probe
 real llm and embedder tiers."""
 
 import subprocess
-import sys
 
 import grpc
 import pytest
@@ -12,6 +11,7 @@ from services.bias import counterfactual, fairness
 from services.classifiers import credit
 from tiermesh.bias.v1 import bias_pb2 as pb
 from tiermesh.bias.v1 import bias_pb2_grpc
+from tiermesh.testing import only, run_cli, running_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -25,13 +25,7 @@ def bias(mesh):
 
 def tiermesh(mesh, *args: str) -> subprocess.CompletedProcess:
     running, status = mesh
-    return subprocess.run(
-        [sys.executable, "-m", "tiermesh.cli", "bias", *args, "--target", status["envoy"]["grpc"]],
-        env=running.environ,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    return run_cli(running.environ, "bias", *args, "--target", status["envoy"]["grpc"])
 
 
 def test_score_text_through_envoy(bias, bias_text_model):
@@ -117,8 +111,6 @@ def test_a_counterfactual_probe_is_answered_by_the_real_llm_and_embedder(
 
 
 def test_a_probe_with_the_llm_unreachable_names_the_hop(tmp_path, bias_text_model):
-    from tiermesh.testing import only, running_mesh
-
     with (
         running_mesh(tmp_path, tiers=only("bias"), BIAS_PROBE_TIMEOUT_S="2") as (_, status),
         grpc.insecure_channel(status["envoy"]["grpc"]) as channel,

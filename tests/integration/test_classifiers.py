@@ -2,8 +2,6 @@
 through the CLI, and version switches under concurrent traffic."""
 
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,7 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from tiermesh.classifiers.v1 import classifiers_pb2 as pb
 from tiermesh.classifiers.v1 import classifiers_pb2_grpc
-from tiermesh.testing import only, running_mesh, scratch_registry
+from tiermesh.testing import only, run_cli, running_mesh, scratch_registry
 
 pytestmark = pytest.mark.integration
 
@@ -97,12 +95,6 @@ class Load:
             thread.join()
 
 
-def tiermesh(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tiermesh.cli", *args], env=env, capture_output=True, text=True, check=False
-    )
-
-
 def serving_anomaly(status: dict, name: str) -> str:
     channel, stub = stub_for(status[name]["grpc"])
     with channel:
@@ -123,7 +115,7 @@ def test_train_then_publish_and_rollback_under_load_fail_no_call(
         CLASSIFIERS_CHECK_INTERVAL_S="600",
     ) as (mesh, status):
         env = {**mesh.environ, "REDIS_URL": status["store"]["url"]}
-        trained = tiermesh(env, "train", "anomaly", "--seed", "12", "--changelog", "retrained with seed 12")
+        trained = run_cli(env, "train", "anomaly", "--seed", "12", "--changelog", "retrained with seed 12")
         assert trained.returncode == 0, trained.stderr
         assert "detection rate" in trained.stdout and "not live yet" in trained.stdout
         second = registry.versions("transaction-anomaly")[-1]
@@ -134,12 +126,12 @@ def test_train_then_publish_and_rollback_under_load_fail_no_call(
         replicas = ("classifiers", "classifiers-2")
         with Load(status["envoy"]["grpc"]) as load:
             time.sleep(1.0)
-            published = tiermesh(env, "models", "publish", "transaction-anomaly", second.version)
+            published = run_cli(env, "models", "publish", "transaction-anomaly", second.version)
             assert published.returncode == 0, published.stderr
             assert "announced to 2 replica(s)" in published.stdout
             wait_until(lambda: all(serving_anomaly(status, name) == second.version for name in replicas))
             time.sleep(1.0)
-            rolled_back = tiermesh(env, "models", "rollback", "transaction-anomaly")
+            rolled_back = run_cli(env, "models", "rollback", "transaction-anomaly")
             assert rolled_back.returncode == 0 and f"latest -> {first}" in rolled_back.stdout
             wait_until(lambda: all(serving_anomaly(status, name) == first for name in replicas))
             time.sleep(1.0)
@@ -147,7 +139,7 @@ def test_train_then_publish_and_rollback_under_load_fail_no_call(
         seen = load.anomaly_versions
         assert len(seen) > 20 and seen[0] == first and second.version in seen and seen[-1] == first
 
-        refused = tiermesh(env, "models", "publish", "loan-kb", "abc")
+        refused = run_cli(env, "models", "publish", "loan-kb", "abc")
         assert refused.returncode != 0 and "index publish" in refused.stderr
 
 
@@ -166,6 +158,6 @@ def test_models_publish_refuses_an_unknown_version(tmp_path, classifier_models, 
         "TIERMESH_HOME": str(tmp_path),
         "REDIS_URL": "",
     }
-    result = tiermesh(env, "models", "publish", "loan-intent", "9.9.9")
+    result = run_cli(env, "models", "publish", "loan-intent", "9.9.9")
     assert result.returncode != 0 and "no version '9.9.9'" in result.stderr
     assert registry.latest("loan-intent").version == classifier_models["intent"].version

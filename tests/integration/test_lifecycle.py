@@ -13,7 +13,7 @@ import pytest
 
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from tiermesh.runner import TIERS, grpc_health
-from tiermesh.testing import mesh_environ, tier_process
+from tiermesh.testing import mesh_environ, run_cli, tier_process
 
 pytestmark = pytest.mark.integration
 EMBEDDER = next(tier for tier in TIERS if tier.name == "embedder")
@@ -80,27 +80,16 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tiermesh.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-
-
 def test_cli_up_outlives_its_command_and_down_stops_everything(
     tmp_path, embedding_model, knowledge_index, language_model, classifier_models, bias_text_model
 ):
     env = mesh_environ(tmp_path)
-    up = _cli(env, "up", "--replicas", "retriever=1")
+    up = run_cli(env, "up", "--replicas", "retriever=1")
     assert up.returncode == 0, up.stdout + up.stderr
     assert "mesh is up" in up.stdout
     try:
         time.sleep(1.5)  # Envoy dies with its parent unless the runner supervises it
-        status = _cli(env, "status", "--json")
+        status = run_cli(env, "status", "--json")
         assert status.returncode == 0, status.stdout
         report = json.loads(status.stdout)
         assert {name: entry["health"] for name, entry in report.items()} == {
@@ -112,17 +101,17 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(
             "bias": "SERVING",
             "envoy": "LIVE",
         }
-        again = _cli(env, "up")
+        again = run_cli(env, "up")
         assert again.returncode == 0 and "already running" in again.stdout
     finally:
-        down = _cli(env, "down")
+        down = run_cli(env, "down")
     assert down.returncode == 0, down.stderr
     for name in ("embedder", "retriever", "llm", "classifiers", "bias", "envoy", "store"):
         assert f"{name}: stopped" in down.stdout
     for name, entry in report.items():
         assert not _running(entry["pid"]), f"{name} still runs after down"
     assert grpc_health(report["envoy"]["grpc"], SERVICE, timeout=0.5) == "UNAVAILABLE"
-    assert _cli(env, "status").returncode == 1
+    assert run_cli(env, "status").returncode == 1
 
 
 def test_help_lists_every_setting_without_starting(tmp_path):

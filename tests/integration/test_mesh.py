@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 
 import grpc
@@ -13,6 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from tiermesh.runner import grpc_health
+from tiermesh.testing import run_cli
 
 pytestmark = pytest.mark.integration
 SERVICE = "tiermesh.embedder.v1.EmbedderService"
@@ -37,13 +36,7 @@ def test_status_reports_every_component_healthy(mesh):
     assert status["store"]["health"] == "SERVING" and status["store"]["url"].startswith("redis://127.0.0.1:")
     assert status["envoy"]["health"] == "LIVE" and status["envoy"]["admin"].startswith("127.0.0.1:")
     assert status["embedder"]["health"] == status["retriever-2"]["health"] == "SERVING"
-    cli = subprocess.run(
-        [sys.executable, "-m", "tiermesh.cli", "status", "--json"],
-        env=running.environ,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    cli = run_cli(running.environ, "status", "--json")
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["embedder"]["grpc"] == status["embedder"]["grpc"]
 

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -16,7 +14,7 @@ from services.retriever import corpus, manage
 from tiermesh.hotswap import announce
 from tiermesh.registry import Registry
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
-from tiermesh.testing import only, running_mesh, scratch_registry
+from tiermesh.testing import only, run_cli, running_mesh, scratch_registry
 
 pytestmark = pytest.mark.integration
 QUESTIONS = [json.loads(line) for line in corpus.DEFAULT_QUESTIONS.read_text().splitlines() if line.strip()]
@@ -150,16 +148,6 @@ def wait_for_replicas(status: dict, version: str, timeout: float = 20.0) -> floa
     return time.monotonic() - started
 
 
-def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tiermesh.cli", "index", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
 def test_publish_and_rollback_under_load_fail_no_request(tmp_path, swap_registry, embedding_model):
     registry, first, second = swap_registry
     # A long periodic check: the switch must come from the announcement on the store.
@@ -175,12 +163,12 @@ def test_publish_and_rollback_under_load_fail_no_request(tmp_path, swap_registry
         assert serving(status, "retriever") == serving(status, "retriever-2") == first
         with Load(status["envoy"]["grpc"], vectors) as load:
             time.sleep(1.0)
-            published = cli(env, "publish", second)
+            published = run_cli(env, "index", "publish", second)
             assert published.returncode == 0, published.stderr
             assert "announced to 2 replica(s)" in published.stdout
             wait_for_replicas(status, second)
             time.sleep(1.0)
-            rolled_back = cli(env, "rollback")
+            rolled_back = run_cli(env, "index", "rollback")
             assert rolled_back.returncode == 0 and f"latest -> {first}" in rolled_back.stdout
             wait_for_replicas(status, first)
             time.sleep(1.0)
@@ -222,19 +210,19 @@ def scratch_env(tmp_path, registry: Registry) -> dict[str, str]:
 def test_validation_blocks_a_bad_index_and_publish_refuses_it(tmp_path, embedding_model):
     registry = scratch_registry(tmp_path / "models", embedding_model)
     env = scratch_env(tmp_path, registry)
-    build = cli(env, "build", "--kind", "ivf", "--nlist", "150", "--nprobe", "1")
+    build = run_cli(env, "index", "build", "--kind", "ivf", "--nlist", "150", "--nprobe", "1")
     assert build.returncode == 0, build.stderr
     version = build.stdout.split()[1].rstrip(":")
-    validate = cli(env, "validate", version)
+    validate = run_cli(env, "index", "validate", version)
     assert validate.returncode == 1 and "below threshold" in validate.stdout
-    refused = cli(env, "publish", version)
+    refused = run_cli(env, "index", "publish", version)
     assert (
         refused.returncode == 1
         and "is below 0.95" in refused.stderr
         and "--allow-low-recall" in refused.stderr
     )
     assert registry.latest(manage.INDEX_NAME) is None
-    forced = cli(env, "publish", version, "--allow-low-recall")
+    forced = run_cli(env, "index", "publish", version, "--allow-low-recall")
     assert forced.returncode == 0 and "publishing anyway" in forced.stdout
     assert registry.latest(manage.INDEX_NAME).version == version
 
@@ -242,14 +230,14 @@ def test_validation_blocks_a_bad_index_and_publish_refuses_it(tmp_path, embeddin
 def test_publish_refuses_an_index_built_with_another_embedder_version(tmp_path, embedding_model):
     registry = scratch_registry(tmp_path / "models", embedding_model)
     env = scratch_env(tmp_path, registry)
-    build = cli(env, "build")
+    build = run_cli(env, "index", "build")
     assert build.returncode == 0, build.stderr
     version = build.stdout.split()[1].rstrip(":")
     stand_in = tmp_path / "retrained"
     stand_in.mkdir()
     (stand_in / "model.onnx").write_bytes(b"another model")
     registry.publish(embedding_model.name, stand_in, version="9.0.0", make_latest=False)
-    refused = cli({**env, "EMBEDDER_MODEL_VERSION": "9.0.0"}, "publish", version)
+    refused = run_cli({**env, "EMBEDDER_MODEL_VERSION": "9.0.0"}, "index", "publish", version)
     assert refused.returncode == 1
     assert f"built with embedder {embedding_model.version} but the mesh serves 9.0.0" in refused.stderr
     assert registry.latest(manage.INDEX_NAME) is None
