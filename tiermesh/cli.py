@@ -289,11 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from services.bias.cli import add_commands as add_bias_commands
     from services.classifiers.cli import add_commands as add_classifier_commands
+    from services.gateway.keys_cli import add_commands as add_keys_commands
     from services.retriever.cli import add_commands as add_retriever_commands
 
     add_retriever_commands(sub)
     add_classifier_commands(sub)
     add_bias_commands(sub)
+    add_keys_commands(sub)
 
     protos = sub.add_parser("protos", help="the generated Python stubs of protos/")
     protos_sub = protos.add_subparsers(dest="protos_command", required=True, metavar="ACTION")

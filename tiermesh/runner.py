@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -50,6 +51,8 @@ class TierSpec:
     name: str
     service: str
     load_timeout_s: float = 180.0
+    # The tier also serves a REST API (`<TIER>_HTTP_PORT`), behind Envoy's REST listener.
+    rest: bool = False
 
     @property
     def module(self) -> str:
@@ -72,6 +75,8 @@ TIERS: tuple[TierSpec, ...] = (
     TierSpec("llm", "tiermesh.llm.v1.LlmService", load_timeout_s=300.0),
     TierSpec("classifiers", "tiermesh.classifiers.v1.ClassifiersService"),
     TierSpec("bias", "tiermesh.bias.v1.BiasService"),
+    # The gateway calls every other tier through Envoy; it starts fast (no model of its own).
+    TierSpec("gateway", "tiermesh.gateway.v1.AdvisorService", rest=True),
 )
 
 
@@ -148,21 +153,30 @@ def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIER
             ) from None
 
     host = settings.get("TIERS_HOST", "127.0.0.1")
-    routes, clusters = [], []
+    routes, clusters, rest_listeners = [], [], []
     for tier in tiers:
         tier_host = settings.get(f"{tier.prefix}ROUTE_HOST", host)
-        endpoints = "\n".join(
-            f"- endpoint: {{ address: {{ socket_address: {{ address: {tier_host}, port_value: {port} }} }} }}"
-            for port in replica_ports(settings, tier)
-        )
+
+        def endpoints(kind: str, tier: TierSpec = tier, tier_host: str = tier_host) -> str:
+            return _endpoints(tier_host, replica_ports(settings, tier, kind))
+
         values = {
             "TIER": tier.name,
             "PACKAGE": tier.package,
             "SERVICE": tier.service,
-            "ENDPOINTS": textwrap.indent(endpoints, " " * 10).lstrip(),
+            "ENDPOINTS": endpoints("GRPC"),
         }
         routes.append(fill("route.yaml.tmpl", values))
         clusters.append(fill("cluster.yaml.tmpl", values))
+        if tier.rest:
+            listen = {
+                "ENVOY_LISTEN_HOST": settings.get("ENVOY_LISTEN_HOST", "127.0.0.1"),
+                "ENVOY_HTTP_PORT": settings.get("ENVOY_HTTP_PORT", ""),
+            }
+            if not listen["ENVOY_HTTP_PORT"]:
+                raise RunnerError(f"ENVOY_HTTP_PORT: required to serve the {tier.name} tier's REST API")
+            rest_listeners.append(fill("rest_listener.yaml.tmpl", {**values, **listen}))
+            clusters.append(fill("rest_cluster.yaml.tmpl", {**values, "ENDPOINTS": endpoints("HTTP")}))
     return fill(
         "envoy.yaml.tmpl",
         {
@@ -171,8 +185,18 @@ def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIER
             "DEFAULT_TIER": tiers[0].name,
             "ROUTES": textwrap.indent("\n".join(routes), " " * 24),
             "CLUSTERS": textwrap.indent("\n".join(clusters), " " * 4),
+            "REST_LISTENERS": textwrap.indent("\n".join(rest_listeners), " " * 4),
         },
     )
+
+
+def _endpoints(host: str, ports: list[int]) -> str:
+    """Envoy lb_endpoints entries, one per port, indented for the cluster template."""
+    lines = "\n".join(
+        f"- endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}"
+        for port in ports
+    )
+    return textwrap.indent(lines, " " * 10).lstrip()
 
 
 # -- probes ------------------------------------------------------------------------------------
@@ -198,6 +222,17 @@ def envoy_ready(admin: str) -> str:
             return response.read().decode().strip()
     except OSError:
         return "DOWN"
+
+
+def http_status(url: str) -> int:
+    """The HTTP status of a GET of `url`, or 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
 
 
 def store_ping(url: str) -> str:
@@ -359,14 +394,16 @@ class Mesh:
                     f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
                     f"{tier.prefix}STORE_URL": self.environ.get(f"{tier.prefix}STORE_URL", store_url),
                     **{
-                        f"{tier.prefix}{other.upper()}_TARGET": envoy_address
-                        for other in ("embedder", "llm")
-                        if other != tier.name
+                        f"{tier.prefix}{other.name.upper()}_TARGET": envoy_address
+                        for other in TIERS
+                        if other != tier
                     },
                     f"{tier.prefix}GRPC_PORT": str(grpc_port),
                     f"{tier.prefix}METRICS_PORT": str(metrics_port),
                     "TIERMESH_REPLICA": name,
                 }
+                if tier.rest:
+                    env[f"{tier.prefix}HTTP_PORT"] = str(replica_ports(s, tier, "HTTP")[index])
                 argv = [sys.executable, "-m", tier.module]
                 state[name] = {
                     **self._spawn(name, argv, env, tier.module),
@@ -374,6 +411,8 @@ class Mesh:
                     "metrics": f"127.0.0.1:{metrics_port}",
                     "service": tier.service,
                 }
+                if tier.rest:
+                    state[name]["http"] = f"127.0.0.1:{env[f'{tier.prefix}HTTP_PORT']}"
                 self._save(state)
                 progress(f"{name}: started (pid {state[name]['pid']}), loading its model")
 
@@ -416,6 +455,8 @@ class Mesh:
             "grpc": f"127.0.0.1:{s['ENVOY_GRPC_PORT']}",
             "admin": f"127.0.0.1:{s['ENVOY_ADMIN_PORT']}",
         }
+        if any(tier.rest for tier in tiers):
+            state["envoy"]["http"] = f"127.0.0.1:{s['ENVOY_HTTP_PORT']}"
         self._save(state)
 
         def alive(name: str) -> Callable[[], bool]:
@@ -451,6 +492,14 @@ class Mesh:
                 what=f"{tier.name} through envoy",
                 alive=alive("envoy"),
             )
+            if tier.rest:
+                wait_until(
+                    lambda: http_status(f"http://{state['envoy']['http']}/healthz") == 200,
+                    timeout=15,
+                    what=f"{tier.name} REST API through envoy",
+                    alive=alive("envoy"),
+                )
+                progress(f"{tier.name}: REST API at http://{state['envoy']['http']} (docs at /docs)")
         return self.status()
 
     def _start_store(self, port: int) -> dict[str, Any]:

@@ -53,6 +53,7 @@ def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
         "TIERMESH_MODELS": str(models_root()),
         "ENVOY_GRPC_PORT": str(free_port()),
         "ENVOY_ADMIN_PORT": str(free_port()),
+        "ENVOY_HTTP_PORT": str(free_port()),
         "STORE_PORT": str(free_port()),
         "HF_HUB_OFFLINE": "1",
     }
@@ -61,7 +62,7 @@ def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
     for tier in TIERS:
         count = replicas({**read_settings(environ), **environ}, tier)
         environ.setdefault(f"{tier.prefix}REPLICAS", str(count))
-        for kind in ("GRPC", "METRICS"):
+        for kind in ("GRPC", "METRICS", "HTTP") if tier.rest else ("GRPC", "METRICS"):
             if f"{tier.prefix}{kind}_PORT" not in overrides:
                 environ[f"{tier.prefix}{kind}_PORT"] = str(free_ports(count))
     return environ

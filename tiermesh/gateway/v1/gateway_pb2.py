@@ -26,45 +26,46 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from tiermesh.bias.v1 import bias_pb2 as tiermesh_dot_bias_dot_v1_dot_bias__pb2
 from tiermesh.classifiers.v1 import classifiers_pb2 as tiermesh_dot_classifiers_dot_v1_dot_classifiers__pb2
 from tiermesh.common.v1 import common_pb2 as tiermesh_dot_common_dot_v1_dot_common__pb2
+from tiermesh.llm.v1 import llm_pb2 as tiermesh_dot_llm_dot_v1_dot_llm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tiermesh/gateway/v1/gateway.proto\x12\x13tiermesh.gateway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1btiermesh/bias/v1/bias.proto\x1a)tiermesh/classifiers/v1/classifiers.proto\x1a\x1ftiermesh/common/v1/common.proto\"\x9b\x01\n\rAdviseOptions\x12\x12\n\x05top_k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"G\n\x06Source\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0f\n\x07section\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\x8f\x01\n\tBiasCheck\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.tiermesh.gateway.v1.BiasCheckStatus\x12\x32\n\x07verdict\x18\x02 \x01(\x0b\x32!.tiermesh.bias.v1.TextBiasVerdict\x12\x18\n\x10unchecked_reason\x18\x03 \x01(\t\"\x8b\x01\n\x0bTierVersion\x12\'\n\x04tier\x18\x01 \x01(\x0e\x32\x19.tiermesh.gateway.v1.Tier\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\x12%\n\x03\x61rm\x18\x03 \x01(\x0e\x32\x18.tiermesh.gateway.v1.Arm\"\x83\x01\n\tHopTiming\x12\'\n\x04tier\x18\x01 \x01(\x0e\x32\x19.tiermesh.gateway.v1.Tier\x12\x0b\n\x03rpc\x18\x02 \x01(\t\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bstatus_code\x18\x04 \x01(\t\"\xf6\x03\n\x06\x41\x64vice\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12,\n\x07sources\x18\x03 \x03(\x0b\x32\x1b.tiermesh.gateway.v1.Source\x12/\n\x06intent\x18\x04 \x01(\x0b\x32\x1f.tiermesh.classifiers.v1.Intent\x12\x31\n\x08\x65ntities\x18\x05 \x03(\x0b\x32\x1f.tiermesh.classifiers.v1.Entity\x12,\n\x04\x62ias\x18\x06 \x01(\x0b\x32\x1e.tiermesh.gateway.v1.BiasCheck\x12\x14\n\x0cout_of_scope\x18\x07 \x01(\x08\x12\x32\n\x08versions\x18\x08 \x03(\x0b\x32 .tiermesh.gateway.v1.TierVersion\x12\x10\n\x08trace_id\x18\t \x01(\t\x12/\n\x07timings\x18\n \x03(\x0b\x32\x1e.tiermesh.gateway.v1.HopTiming\x12\x31\n\x0etotal_duration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x0e\x64\x65graded_modes\x18\x0c \x03(\x0e\x32!.tiermesh.gateway.v1.DegradedMode\x12\x0e\n\x06\x63\x61\x63hed\x18\r \x01(\x08\"\x1b\n\x0b\x41\x64viceChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"g\n\rAdviseRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x33\n\x07options\x18\x03 \x01(\x0b\x32\".tiermesh.gateway.v1.AdviseOptions\"=\n\x0e\x41\x64viseResponse\x12+\n\x06\x61\x64vice\x18\x01 \x01(\x0b\x32\x1b.tiermesh.gateway.v1.Advice\"m\n\x13\x41\x64viseStreamRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x33\n\x07options\x18\x03 \x01(\x0b\x32\".tiermesh.gateway.v1.AdviseOptions\"\x81\x01\n\x14\x41\x64viseStreamResponse\x12\x31\n\x05\x63hunk\x18\x01 \x01(\x0b\x32 .tiermesh.gateway.v1.AdviceChunkH\x00\x12-\n\x06\x61\x64vice\x18\x02 \x01(\x0b\x32\x1b.tiermesh.gateway.v1.AdviceH\x00\x42\x07\n\x05\x65vent*\x88\x01\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x10\n\x0cTIER_GATEWAY\x10\x01\x12\x14\n\x10TIER_CLASSIFIERS\x10\x02\x12\x11\n\rTIER_EMBEDDER\x10\x03\x12\x12\n\x0eTIER_RETRIEVER\x10\x04\x12\x0c\n\x08TIER_LLM\x10\x05\x12\r\n\tTIER_BIAS\x10\x06*>\n\x03\x41rm\x12\x13\n\x0f\x41RM_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41RM_CONTROL\x10\x01\x12\x11\n\rARM_TREATMENT\x10\x02*t\n\x0f\x42iasCheckStatus\x12!\n\x1d\x42IAS_CHECK_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42IAS_CHECK_STATUS_CHECKED\x10\x01\x12\x1f\n\x1b\x42IAS_CHECK_STATUS_UNCHECKED\x10\x02*\x99\x01\n\x0c\x44\x65gradedMode\x12\x1d\n\x19\x44\x45GRADED_MODE_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45GRADED_MODE_BIAS_UNCHECKED\x10\x01\x12%\n!DEGRADED_MODE_CLASSIFIERS_SKIPPED\x10\x02\x12!\n\x1d\x44\x45GRADED_MODE_SOURCES_SKIPPED\x10\x03\x32\xca\x01\n\x0e\x41\x64visorService\x12Q\n\x06\x41\x64vise\x12\".tiermesh.gateway.v1.AdviseRequest\x1a#.tiermesh.gateway.v1.AdviseResponse\x12\x65\n\x0c\x41\x64viseStream\x12(.tiermesh.gateway.v1.AdviseStreamRequest\x1a).tiermesh.gateway.v1.AdviseStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tiermesh/gateway/v1/gateway.proto\x12\x13tiermesh.gateway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1btiermesh/bias/v1/bias.proto\x1a)tiermesh/classifiers/v1/classifiers.proto\x1a\x1ftiermesh/common/v1/common.proto\x1a\x19tiermesh/llm/v1/llm.proto\"\x9b\x01\n\rAdviseOptions\x12\x12\n\x05top_k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"G\n\x06Source\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0f\n\x07section\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\x8f\x01\n\tBiasCheck\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.tiermesh.gateway.v1.BiasCheckStatus\x12\x32\n\x07verdict\x18\x02 \x01(\x0b\x32!.tiermesh.bias.v1.TextBiasVerdict\x12\x18\n\x10unchecked_reason\x18\x03 \x01(\t\"\x8b\x01\n\x0bTierVersion\x12\'\n\x04tier\x18\x01 \x01(\x0e\x32\x19.tiermesh.gateway.v1.Tier\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.tiermesh.common.v1.ModelInfo\x12%\n\x03\x61rm\x18\x03 \x01(\x0e\x32\x18.tiermesh.gateway.v1.Arm\"\x83\x01\n\tHopTiming\x12\'\n\x04tier\x18\x01 \x01(\x0e\x32\x19.tiermesh.gateway.v1.Tier\x12\x0b\n\x03rpc\x18\x02 \x01(\t\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bstatus_code\x18\x04 \x01(\t\"\x9d\x04\n\x06\x41\x64vice\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12,\n\x07sources\x18\x03 \x03(\x0b\x32\x1b.tiermesh.gateway.v1.Source\x12/\n\x06intent\x18\x04 \x01(\x0b\x32\x1f.tiermesh.classifiers.v1.Intent\x12\x31\n\x08\x65ntities\x18\x05 \x03(\x0b\x32\x1f.tiermesh.classifiers.v1.Entity\x12,\n\x04\x62ias\x18\x06 \x01(\x0b\x32\x1e.tiermesh.gateway.v1.BiasCheck\x12\x14\n\x0cout_of_scope\x18\x07 \x01(\x08\x12\x32\n\x08versions\x18\x08 \x03(\x0b\x32 .tiermesh.gateway.v1.TierVersion\x12\x10\n\x08trace_id\x18\t \x01(\t\x12/\n\x07timings\x18\n \x03(\x0b\x32\x1e.tiermesh.gateway.v1.HopTiming\x12\x31\n\x0etotal_duration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x0e\x64\x65graded_modes\x18\x0c \x03(\x0e\x32!.tiermesh.gateway.v1.DegradedMode\x12\x0e\n\x06\x63\x61\x63hed\x18\r \x01(\x08\x12%\n\x05usage\x18\x0e \x01(\x0b\x32\x16.tiermesh.llm.v1.Usage\"\x1b\n\x0b\x41\x64viceChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"g\n\rAdviseRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x33\n\x07options\x18\x03 \x01(\x0b\x32\".tiermesh.gateway.v1.AdviseOptions\"=\n\x0e\x41\x64viseResponse\x12+\n\x06\x61\x64vice\x18\x01 \x01(\x0b\x32\x1b.tiermesh.gateway.v1.Advice\"m\n\x13\x41\x64viseStreamRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x33\n\x07options\x18\x03 \x01(\x0b\x32\".tiermesh.gateway.v1.AdviseOptions\"\x81\x01\n\x14\x41\x64viseStreamResponse\x12\x31\n\x05\x63hunk\x18\x01 \x01(\x0b\x32 .tiermesh.gateway.v1.AdviceChunkH\x00\x12-\n\x06\x61\x64vice\x18\x02 \x01(\x0b\x32\x1b.tiermesh.gateway.v1.AdviceH\x00\x42\x07\n\x05\x65vent*\x88\x01\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x10\n\x0cTIER_GATEWAY\x10\x01\x12\x14\n\x10TIER_CLASSIFIERS\x10\x02\x12\x11\n\rTIER_EMBEDDER\x10\x03\x12\x12\n\x0eTIER_RETRIEVER\x10\x04\x12\x0c\n\x08TIER_LLM\x10\x05\x12\r\n\tTIER_BIAS\x10\x06*>\n\x03\x41rm\x12\x13\n\x0f\x41RM_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41RM_CONTROL\x10\x01\x12\x11\n\rARM_TREATMENT\x10\x02*t\n\x0f\x42iasCheckStatus\x12!\n\x1d\x42IAS_CHECK_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42IAS_CHECK_STATUS_CHECKED\x10\x01\x12\x1f\n\x1b\x42IAS_CHECK_STATUS_UNCHECKED\x10\x02*\x99\x01\n\x0c\x44\x65gradedMode\x12\x1d\n\x19\x44\x45GRADED_MODE_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45GRADED_MODE_BIAS_UNCHECKED\x10\x01\x12%\n!DEGRADED_MODE_CLASSIFIERS_SKIPPED\x10\x02\x12!\n\x1d\x44\x45GRADED_MODE_SOURCES_SKIPPED\x10\x03\x32\xca\x01\n\x0e\x41\x64visorService\x12Q\n\x06\x41\x64vise\x12\".tiermesh.gateway.v1.AdviseRequest\x1a#.tiermesh.gateway.v1.AdviseResponse\x12\x65\n\x0c\x41\x64viseStream\x12(.tiermesh.gateway.v1.AdviseStreamRequest\x1a).tiermesh.gateway.v1.AdviseStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tiermesh.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=1794
-  _globals['_TIER']._serialized_end=1930
-  _globals['_ARM']._serialized_start=1932
-  _globals['_ARM']._serialized_end=1994
-  _globals['_BIASCHECKSTATUS']._serialized_start=1996
-  _globals['_BIASCHECKSTATUS']._serialized_end=2112
-  _globals['_DEGRADEDMODE']._serialized_start=2115
-  _globals['_DEGRADEDMODE']._serialized_end=2268
-  _globals['_ADVISEOPTIONS']._serialized_start=196
-  _globals['_ADVISEOPTIONS']._serialized_end=351
-  _globals['_SOURCE']._serialized_start=353
-  _globals['_SOURCE']._serialized_end=424
-  _globals['_BIASCHECK']._serialized_start=427
-  _globals['_BIASCHECK']._serialized_end=570
-  _globals['_TIERVERSION']._serialized_start=573
-  _globals['_TIERVERSION']._serialized_end=712
-  _globals['_HOPTIMING']._serialized_start=715
-  _globals['_HOPTIMING']._serialized_end=846
-  _globals['_ADVICE']._serialized_start=849
-  _globals['_ADVICE']._serialized_end=1351
-  _globals['_ADVICECHUNK']._serialized_start=1353
-  _globals['_ADVICECHUNK']._serialized_end=1380
-  _globals['_ADVISEREQUEST']._serialized_start=1382
-  _globals['_ADVISEREQUEST']._serialized_end=1485
-  _globals['_ADVISERESPONSE']._serialized_start=1487
-  _globals['_ADVISERESPONSE']._serialized_end=1548
-  _globals['_ADVISESTREAMREQUEST']._serialized_start=1550
-  _globals['_ADVISESTREAMREQUEST']._serialized_end=1659
-  _globals['_ADVISESTREAMRESPONSE']._serialized_start=1662
-  _globals['_ADVISESTREAMRESPONSE']._serialized_end=1791
-  _globals['_ADVISORSERVICE']._serialized_start=2271
-  _globals['_ADVISORSERVICE']._serialized_end=2473
+  _globals['_TIER']._serialized_start=1860
+  _globals['_TIER']._serialized_end=1996
+  _globals['_ARM']._serialized_start=1998
+  _globals['_ARM']._serialized_end=2060
+  _globals['_BIASCHECKSTATUS']._serialized_start=2062
+  _globals['_BIASCHECKSTATUS']._serialized_end=2178
+  _globals['_DEGRADEDMODE']._serialized_start=2181
+  _globals['_DEGRADEDMODE']._serialized_end=2334
+  _globals['_ADVISEOPTIONS']._serialized_start=223
+  _globals['_ADVISEOPTIONS']._serialized_end=378
+  _globals['_SOURCE']._serialized_start=380
+  _globals['_SOURCE']._serialized_end=451
+  _globals['_BIASCHECK']._serialized_start=454
+  _globals['_BIASCHECK']._serialized_end=597
+  _globals['_TIERVERSION']._serialized_start=600
+  _globals['_TIERVERSION']._serialized_end=739
+  _globals['_HOPTIMING']._serialized_start=742
+  _globals['_HOPTIMING']._serialized_end=873
+  _globals['_ADVICE']._serialized_start=876
+  _globals['_ADVICE']._serialized_end=1417
+  _globals['_ADVICECHUNK']._serialized_start=1419
+  _globals['_ADVICECHUNK']._serialized_end=1446
+  _globals['_ADVISEREQUEST']._serialized_start=1448
+  _globals['_ADVISEREQUEST']._serialized_end=1551
+  _globals['_ADVISERESPONSE']._serialized_start=1553
+  _globals['_ADVISERESPONSE']._serialized_end=1614
+  _globals['_ADVISESTREAMREQUEST']._serialized_start=1616
+  _globals['_ADVISESTREAMREQUEST']._serialized_end=1725
+  _globals['_ADVISESTREAMRESPONSE']._serialized_start=1728
+  _globals['_ADVISESTREAMRESPONSE']._serialized_end=1857
+  _globals['_ADVISORSERVICE']._serialized_start=2337
+  _globals['_ADVISORSERVICE']._serialized_end=2539
 # @@protoc_insertion_point(module_scope)

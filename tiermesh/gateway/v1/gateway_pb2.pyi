@@ -4,6 +4,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from tiermesh.bias.v1 import bias_pb2 as _bias_pb2
 from tiermesh.classifiers.v1 import classifiers_pb2 as _classifiers_pb2
 from tiermesh.common.v1 import common_pb2 as _common_pb2
+from tiermesh.llm.v1 import llm_pb2 as _llm_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -116,7 +117,7 @@ class HopTiming(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., rpc: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., status_code: _Optional[str] = ...) -> None: ...
 
 class Advice(_message.Message):
-    __slots__ = ("response_id", "text", "sources", "intent", "entities", "bias", "out_of_scope", "versions", "trace_id", "timings", "total_duration", "degraded_modes", "cached")
+    __slots__ = ("response_id", "text", "sources", "intent", "entities", "bias", "out_of_scope", "versions", "trace_id", "timings", "total_duration", "degraded_modes", "cached", "usage")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +131,7 @@ class Advice(_message.Message):
     TOTAL_DURATION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_MODES_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     text: str
     sources: _containers.RepeatedCompositeFieldContainer[Source]
@@ -143,7 +145,8 @@ class Advice(_message.Message):
     total_duration: _duration_pb2.Duration
     degraded_modes: _containers.RepeatedScalarFieldContainer[DegradedMode]
     cached: bool
-    def __init__(self, response_id: _Optional[str] = ..., text: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., intent: _Optional[_Union[_classifiers_pb2.Intent, _Mapping]] = ..., entities: _Optional[_Iterable[_Union[_classifiers_pb2.Entity, _Mapping]]] = ..., bias: _Optional[_Union[BiasCheck, _Mapping]] = ..., out_of_scope: _Optional[bool] = ..., versions: _Optional[_Iterable[_Union[TierVersion, _Mapping]]] = ..., trace_id: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., total_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., degraded_modes: _Optional[_Iterable[_Union[DegradedMode, str]]] = ..., cached: _Optional[bool] = ...) -> None: ...
+    usage: _llm_pb2.Usage
+    def __init__(self, response_id: _Optional[str] = ..., text: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., intent: _Optional[_Union[_classifiers_pb2.Intent, _Mapping]] = ..., entities: _Optional[_Iterable[_Union[_classifiers_pb2.Entity, _Mapping]]] = ..., bias: _Optional[_Union[BiasCheck, _Mapping]] = ..., out_of_scope: _Optional[bool] = ..., versions: _Optional[_Iterable[_Union[TierVersion, _Mapping]]] = ..., trace_id: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., total_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., degraded_modes: _Optional[_Iterable[_Union[DegradedMode, str]]] = ..., cached: _Optional[bool] = ..., usage: _Optional[_Union[_llm_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class AdviceChunk(_message.Message):
     __slots__ = ("text",)

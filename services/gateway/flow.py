@@ -1,0 +1,513 @@
+"""The Advisor flow: intent and entities in parallel with the query embedding, retrieval,
+generation from the versioned prompt, and a bias check of the advice.
+
+Every hop has its own deadline (its cap, never past the request's), and every hop is recorded
+with its time, status and the A/B arm that served it. Tiers that are not critical degrade the
+answer explicitly: no bias tier -> `bias_unchecked`; no classifiers -> no intent or entities; no
+embedder or retriever -> no sources (only when configured, else UNAVAILABLE); the llm is required.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf import duration_pb2
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram
+
+from services.gateway.config import GatewayConfig
+from services.gateway.prompt import Template
+from services.gateway.tiers import Reply, Tiers
+from tiermesh import metrics
+from tiermesh.bias.v1 import bias_pb2
+from tiermesh.classifiers.v1 import classifiers_pb2
+from tiermesh.common.v1 import common_pb2
+from tiermesh.embedder.v1 import embedder_pb2
+from tiermesh.errors import DeadlineExceeded, InvalidArgument, RpcError, Unavailable, check_text
+from tiermesh.gateway.v1 import gateway_pb2
+from tiermesh.llm.v1 import llm_pb2
+from tiermesh.retriever.v1 import retriever_pb2
+
+logger = logging.getLogger(__name__)
+
+OUT_OF_SCOPE = "out_of_scope"
+HOPS = {
+    gateway_pb2.TIER_CLASSIFIERS: "classifiers",
+    gateway_pb2.TIER_EMBEDDER: "embedder",
+    gateway_pb2.TIER_RETRIEVER: "retriever",
+    gateway_pb2.TIER_LLM: "llm",
+    gateway_pb2.TIER_BIAS: "bias",
+}
+ROLES = {"system": llm_pb2.ROLE_SYSTEM, "user": llm_pb2.ROLE_USER, "assistant": llm_pb2.ROLE_ASSISTANT}
+
+HOP_SECONDS = Histogram(
+    "tiermesh_gateway_hop_seconds",
+    "Time of each downstream call the gateway made, Envoy included",
+    ["tier", "rpc", "code"],
+    buckets=metrics.LATENCY_BUCKETS,
+)
+DEGRADED = Counter(
+    "tiermesh_gateway_degraded_total", "Answers produced without a non-critical tier", ["mode"]
+)
+ANSWERS = Counter(
+    "tiermesh_gateway_answers_total", "Answers by kind (advice, out_of_scope, cached)", ["kind"]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One request for advice, with every option resolved (see `resolve`)."""
+
+    text: str
+    user_id: str = ""
+    top_k: int = 4
+    max_tokens: int = 200
+    temperature: float = 0.0
+    seed: int | None = None
+    metadata_filter: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def resolve(
+    config: GatewayConfig,
+    question: str,
+    *,
+    user_id: str = "",
+    top_k: int | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    metadata_filter: Mapping[str, str] | None = None,
+    fields: Mapping[str, str] | None = None,
+) -> Question:
+    """Validate a request and fill in the defaults; `InvalidArgument` names the caller's field
+    (`fields` maps option names to what the caller called them, e.g. REST's `max_tokens`)."""
+    names = {"question": "question", "user_id": "user_id", **{k: f"options.{k}" for k in OPTIONS}}
+    names.update(fields or {})
+    check_text(question, names["question"], max_chars=config.max_question_chars)
+    if len(user_id) > 128:
+        raise InvalidArgument(names["user_id"], f"is {len(user_id)} characters; the limit is 128")
+    top_k = config.default_top_k if top_k is None else top_k
+    if not 1 <= top_k <= config.max_top_k:
+        raise InvalidArgument(names["top_k"], f"must be 1 to {config.max_top_k}, got {top_k}")
+    max_tokens = config.default_max_tokens if max_tokens is None else max_tokens
+    if not 1 <= max_tokens <= config.max_tokens_cap:
+        raise InvalidArgument(names["max_tokens"], f"must be 1 to {config.max_tokens_cap}, got {max_tokens}")
+    temperature = config.default_temperature if temperature is None else temperature
+    if not 0.0 <= temperature <= 2.0:  # also refuses NaN
+        raise InvalidArgument(names["temperature"], f"must be 0 to 2, got {temperature}")
+    return Question(
+        question,
+        user_id=user_id,
+        top_k=top_k,
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        seed=seed,
+        metadata_filter=dict(metadata_filter or {}),
+    )
+
+
+OPTIONS = ("top_k", "max_tokens", "temperature", "seed", "metadata_filter")
+
+
+class Cache(Protocol):
+    """The optional response cache (see cache.py)."""
+
+    async def get(self, question: Question) -> gateway_pb2.Advice | None: ...
+
+    async def put(self, question: Question, advice: gateway_pb2.Advice) -> None: ...
+
+    def saw(self, advice: gateway_pb2.Advice) -> None: ...
+
+
+class Records(Protocol):
+    """Where answers are remembered for feedback (see feedback.py)."""
+
+    async def remember(self, question: Question, advice: gateway_pb2.Advice) -> None: ...
+
+
+def new_response_id() -> str:
+    return "resp_" + uuid.uuid4().hex
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+class _Run:
+    """One request's progress: its deadline, the hops made, versions used, degraded modes."""
+
+    def __init__(self, tiers: Tiers, question: Question, deadline: float, response_id: str = "") -> None:
+        self.tiers = tiers
+        self.question = question
+        self.deadline = deadline
+        self.started = time.perf_counter()
+        self.advice = gateway_pb2.Advice(response_id=response_id or new_response_id())
+
+    def _timeout(self, tier: int, cap: float) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"{HOPS[tier]}: the request's deadline passed before the call")
+        return min(cap, remaining)
+
+    def _record(self, tier: int, rpc: str, started: float, code: grpc.StatusCode) -> None:
+        seconds = time.perf_counter() - started
+        HOP_SECONDS.labels(HOPS[tier], rpc, code.name).observe(seconds)
+        self.advice.timings.add(tier=tier, rpc=rpc, duration=_duration(seconds), status_code=code.name)
+
+    def used(self, tier: int, model: common_pb2.ModelInfo, arm: int) -> None:
+        self.advice.versions.add(tier=tier, model=model, arm=arm)
+
+    async def call(self, tier: int, rpc: str, request: Any, cap: float) -> Reply:
+        timeout = self._timeout(tier, cap)
+        started = time.perf_counter()
+        try:
+            reply = await self.tiers.call(tier, rpc, request, timeout=timeout, user_id=self.question.user_id)
+        except grpc.RpcError as error:
+            self._record(tier, rpc, started, error.code())
+            raise
+        self._record(tier, rpc, started, grpc.StatusCode.OK)
+        return reply
+
+    async def stream(self, tier: int, rpc: str, request: Any, cap: float) -> AsyncIterator[Reply]:
+        timeout = self._timeout(tier, cap)
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            async for reply in self.tiers.stream(
+                tier, rpc, request, timeout=timeout, user_id=self.question.user_id
+            ):
+                yield reply
+        except grpc.RpcError as error:
+            code = error.code()
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._record(tier, rpc, started, code)
+
+    def degrade(self, mode: int, tier: int, error: BaseException) -> str:
+        reason = _reason(tier, error)
+        if mode in self.advice.degraded_modes:  # the intent and the entity call share one mode
+            return reason
+        self.advice.degraded_modes.append(mode)
+        DEGRADED.labels(gateway_pb2.DegradedMode.Name(mode).removeprefix("DEGRADED_MODE_").lower()).inc()
+        logger.warning(
+            "degraded answer (%s): %s",
+            gateway_pb2.DegradedMode.Name(mode),
+            reason,
+            extra={"fields": {"response_id": self.advice.response_id}},
+        )
+        return reason
+
+
+def _reason(tier: int, error: BaseException) -> str:
+    if isinstance(error, grpc.RpcError):
+        return f"{HOPS[tier]}: {error.code().name}: {error.details()}"
+    return str(error)
+
+
+def _critical(tier: int, error: grpc.RpcError) -> RpcError:
+    """What the caller gets when a tier the answer needs failed: 504 or 503 naming the hop,
+    or the tier's own INVALID_ARGUMENT (a request option it refused)."""
+    detail = f"{HOPS[tier]}: {error.code().name}: {error.details()}"
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(detail)
+    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument("options", f"the {HOPS[tier]} tier refused the request: {error.details()}")
+    return Unavailable(detail)
+
+
+class Advisor:
+    """The RAG flow over the tiers; protocol-free (the gRPC servicer and the REST API share it)."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        tiers: Tiers,
+        template: Template,
+        *,
+        cache: Cache | None = None,
+        records: Records | None = None,
+    ) -> None:
+        self.config = config
+        self.tiers = tiers
+        self.template = template
+        self.cache = cache
+        self.records = records
+
+    def deadline(self, timeout: float | None) -> float:
+        """The monotonic deadline of a request the caller gave `timeout` seconds (None: the default)."""
+        limit = self.config.request_timeout_s
+        return time.monotonic() + (limit if timeout is None else min(timeout, limit))
+
+    async def advise(self, question: Question, deadline: float) -> gateway_pb2.Advice:
+        """The complete answer in one piece."""
+        async for item in self._flow(question, deadline, streaming=False):
+            if isinstance(item, gateway_pb2.Advice):
+                return item
+        raise AssertionError("the flow ended without an answer")
+
+    def advise_stream(
+        self, question: Question, deadline: float, *, response_id: str = ""
+    ) -> AsyncIterator[str | gateway_pb2.Advice]:
+        """Advice text chunks as they are generated, then the complete Advice."""
+        return self._flow(question, deadline, streaming=True, response_id=response_id)
+
+    async def embed(
+        self, texts: list[str], *, user_id: str, deadline: float
+    ) -> tuple[embedder_pb2.EmbedBatchResponse, int]:
+        """Embeddings for external apps (the OpenAI-compatible route): (response, arm)."""
+        run = _Run(self.tiers, Question("-", user_id=user_id), deadline)
+        try:
+            reply = await run.call(
+                gateway_pb2.TIER_EMBEDDER,
+                "EmbedBatch",
+                embedder_pb2.EmbedBatchRequest(texts=texts),
+                self.config.request_timeout_s,
+            )
+        except grpc.RpcError as error:
+            raise _critical(gateway_pb2.TIER_EMBEDDER, error) from None
+        return reply.message, reply.arm
+
+    # -- the flow --------------------------------------------------------------------------------
+
+    async def _flow(
+        self, question: Question, deadline: float, *, streaming: bool, response_id: str = ""
+    ) -> AsyncIterator[str | gateway_pb2.Advice]:
+        run = _Run(self.tiers, question, deadline, response_id)
+        span = trace.get_current_span()
+        run.advice.trace_id = format(span.get_span_context().trace_id, "032x") if span.is_recording() else ""
+        cached = await self._cached(question, run)
+        if cached is not None:
+            if streaming and cached.text:
+                yield cached.text
+            yield cached
+            return
+
+        run.used(gateway_pb2.TIER_GATEWAY, self.template.model, gateway_pb2.ARM_UNSPECIFIED)
+        intent, entities, vector = await asyncio.gather(
+            self._intent(run), self._entities(run), self._embedding(run)
+        )
+        out_of_scope = intent == OUT_OF_SCOPE
+        if out_of_scope:
+            run.advice.out_of_scope = True
+            run.advice.text = self.template.refusal
+            if streaming:
+                yield run.advice.text
+        else:
+            passages = await self._passages(run, vector, intent)
+            messages = self.template.messages(question.text, passages, entities)
+            if streaming:
+                async for delta in self._generate_stream(run, messages):
+                    yield delta
+            else:
+                await self._generate(run, messages)
+        await self._check_bias(run)
+        advice = run.advice
+        advice.total_duration.CopyFrom(_duration(time.perf_counter() - run.started))
+        ANSWERS.labels(OUT_OF_SCOPE if out_of_scope else "advice").inc()
+        await self._keep(question, advice)
+        yield advice
+
+    async def _cached(self, question: Question, run: _Run) -> gateway_pb2.Advice | None:
+        if self.cache is None:
+            return None
+        advice = await self.cache.get(question)
+        if advice is None:
+            return None
+        advice.response_id = run.advice.response_id
+        advice.trace_id = run.advice.trace_id
+        advice.cached = True
+        advice.ClearField("usage")  # nothing was generated for this answer
+        advice.total_duration.CopyFrom(_duration(time.perf_counter() - run.started))
+        ANSWERS.labels("cached").inc()
+        if self.records is not None:
+            await self.records.remember(question, advice)
+        return advice
+
+    async def _keep(self, question: Question, advice: gateway_pb2.Advice) -> None:
+        if self.cache is not None:
+            self.cache.saw(advice)
+            if not advice.degraded_modes and not advice.out_of_scope:
+                await self.cache.put(question, advice)
+        if self.records is not None:
+            await self.records.remember(question, advice)
+
+    async def _optional(
+        self, run: _Run, tier: int, mode: int, attempt: Callable[[], Awaitable[Any]]
+    ) -> tuple[Any, str]:
+        """Run a call to a non-critical tier; on failure record the degraded mode: (result, reason)."""
+        try:
+            return await attempt(), ""
+        except (grpc.RpcError, DeadlineExceeded) as error:
+            return None, run.degrade(mode, tier, error)
+
+    async def _intent(self, run: _Run) -> str:
+        async def classify() -> str:
+            reply = await run.call(
+                gateway_pb2.TIER_CLASSIFIERS,
+                "ClassifyIntent",
+                classifiers_pb2.ClassifyIntentRequest(text=run.question.text),
+                self.config.classify_timeout_s,
+            )
+            run.advice.intent.CopyFrom(reply.message.intent)
+            run.used(gateway_pb2.TIER_CLASSIFIERS, reply.message.model, reply.arm)
+            return reply.message.intent.label
+
+        label, _ = await self._optional(
+            run, gateway_pb2.TIER_CLASSIFIERS, gateway_pb2.DEGRADED_MODE_CLASSIFIERS_SKIPPED, classify
+        )
+        return label or ""
+
+    async def _entities(self, run: _Run) -> list[classifiers_pb2.Entity]:
+        async def extract() -> list[classifiers_pb2.Entity]:
+            reply = await run.call(
+                gateway_pb2.TIER_CLASSIFIERS,
+                "ExtractEntities",
+                classifiers_pb2.ExtractEntitiesRequest(text=run.question.text),
+                self.config.classify_timeout_s,
+            )
+            run.advice.entities.extend(reply.message.entities)
+            run.used(gateway_pb2.TIER_CLASSIFIERS, reply.message.model, reply.arm)
+            return list(reply.message.entities)
+
+        entities, _ = await self._optional(
+            run, gateway_pb2.TIER_CLASSIFIERS, gateway_pb2.DEGRADED_MODE_CLASSIFIERS_SKIPPED, extract
+        )
+        return entities or []
+
+    async def _embedding(self, run: _Run) -> list[float] | BaseException:
+        """The query vector, or the error that stopped it (decided on after out-of-scope)."""
+        try:
+            reply = await run.call(
+                gateway_pb2.TIER_EMBEDDER,
+                "Embed",
+                embedder_pb2.EmbedRequest(text=run.question.text),
+                self.config.embed_timeout_s,
+            )
+        except (grpc.RpcError, DeadlineExceeded) as error:
+            return error
+        run.used(gateway_pb2.TIER_EMBEDDER, reply.message.model, reply.arm)
+        return list(reply.message.embedding.values)
+
+    async def _passages(
+        self, run: _Run, vector: list[float] | BaseException, intent: str
+    ) -> list[retriever_pb2.Passage]:
+        tier = gateway_pb2.TIER_EMBEDDER
+        try:
+            if isinstance(vector, BaseException):
+                raise vector
+            tier = gateway_pb2.TIER_RETRIEVER
+            candidates = run.question.top_k * self.template.candidates_per_passage
+            reply = await run.call(
+                tier,
+                "Search",
+                retriever_pb2.SearchRequest(
+                    vector=retriever_pb2.QueryVector(values=vector),
+                    k=candidates,
+                    metadata_filter=run.question.metadata_filter,
+                ),
+                self.config.search_timeout_s,
+            )
+        except (grpc.RpcError, DeadlineExceeded) as error:
+            if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise _critical(tier, error) from None  # e.g. a metadata filter key it does not know
+            if not self.config.answer_without_sources:
+                raise (_critical(tier, error) if isinstance(error, grpc.RpcError) else error) from None
+            run.degrade(gateway_pb2.DEGRADED_MODE_SOURCES_SKIPPED, tier, error)
+            return []
+        run.used(tier, reply.message.model, reply.arm)
+        passages = self.template.rank(reply.message.passages, intent, run.question.top_k)
+        for passage in passages:
+            run.advice.sources.add(
+                doc_id=passage.doc_id, title=passage.title, section=passage.section, score=passage.score
+            )
+        return passages
+
+    async def _generate(self, run: _Run, messages: list[tuple[str, str]]) -> None:
+        request = llm_pb2.GenerateRequest(
+            chat=_chat(messages), sampling=_sampling(run.question, self.template)
+        )
+        try:
+            # Generation may use whatever time the request has left.
+            reply = await run.call(gateway_pb2.TIER_LLM, "Generate", request, self.config.request_timeout_s)
+        except grpc.RpcError as error:
+            raise _critical(gateway_pb2.TIER_LLM, error) from None
+        run.advice.text = reply.message.text
+        run.used(gateway_pb2.TIER_LLM, reply.message.model, reply.arm)
+        run.advice.usage.CopyFrom(reply.message.usage)
+
+    async def _generate_stream(self, run: _Run, messages: list[tuple[str, str]]) -> AsyncIterator[str]:
+        request = llm_pb2.GenerateStreamRequest(
+            chat=_chat(messages), sampling=_sampling(run.question, self.template)
+        )
+        text: list[str] = []
+        last: Reply | None = None
+        try:
+            async for reply in run.stream(
+                gateway_pb2.TIER_LLM, "GenerateStream", request, self.config.request_timeout_s
+            ):
+                last = reply
+                if reply.message.delta:
+                    text.append(reply.message.delta)
+                    yield reply.message.delta
+        except grpc.RpcError as error:
+            raise _critical(gateway_pb2.TIER_LLM, error) from None
+        if last is None:
+            raise Unavailable("llm: the generation stream ended without a message")
+        run.advice.text = "".join(text)
+        run.used(gateway_pb2.TIER_LLM, last.message.model, last.arm)
+        run.advice.usage.CopyFrom(last.message.usage)
+
+    async def _check_bias(self, run: _Run) -> None:
+        bias = run.advice.bias
+        if not run.advice.text.strip():
+            bias.status = gateway_pb2.BIAS_CHECK_STATUS_UNCHECKED
+            bias.unchecked_reason = "the advice is empty"
+            return
+
+        async def score() -> Reply:
+            return await run.call(
+                gateway_pb2.TIER_BIAS,
+                "ScoreText",
+                bias_pb2.ScoreTextRequest(text=run.advice.text),
+                self.config.bias_timeout_s,
+            )
+
+        reply, reason = await self._optional(
+            run, gateway_pb2.TIER_BIAS, gateway_pb2.DEGRADED_MODE_BIAS_UNCHECKED, score
+        )
+        if reply is None:
+            bias.status = gateway_pb2.BIAS_CHECK_STATUS_UNCHECKED
+            bias.unchecked_reason = reason
+            return
+        bias.status = gateway_pb2.BIAS_CHECK_STATUS_CHECKED
+        bias.verdict.CopyFrom(reply.message.verdict)
+        run.used(gateway_pb2.TIER_BIAS, reply.message.model, reply.arm)
+
+
+def _sampling(question: Question, template: Template) -> llm_pb2.SamplingParams:
+    params = llm_pb2.SamplingParams(
+        max_tokens=question.max_tokens,
+        temperature=question.temperature,
+        repetition_penalty=template.repetition_penalty,
+    )
+    if question.seed is not None:
+        params.seed = question.seed
+    return params
+
+
+def _chat(messages: list[tuple[str, str]]) -> llm_pb2.Chat:
+    return llm_pb2.Chat(
+        messages=[llm_pb2.ChatMessage(role=ROLES[role], content=content) for role, content in messages]
+    )

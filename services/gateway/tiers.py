@@ -1,0 +1,122 @@
+"""How the flow reaches the tiers: one call interface, served by gRPC stubs through Envoy.
+
+Every call carries its own deadline, the caller's trace context (the channel's interceptor) and
+the end user's id in `x-tiermesh-user`, so Envoy can keep the user's A/B arm sticky; the arm that
+served the call comes back in the `x-tiermesh-arm` response header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tiermesh import telemetry
+from tiermesh.bias.v1 import bias_pb2_grpc
+from tiermesh.classifiers.v1 import classifiers_pb2_grpc
+from tiermesh.embedder.v1 import embedder_pb2_grpc
+from tiermesh.gateway.v1 import gateway_pb2
+from tiermesh.llm.v1 import llm_pb2_grpc
+from tiermesh.retriever.v1 import retriever_pb2_grpc
+
+USER_HEADER = "x-tiermesh-user"
+TIER_HEADER = "x-tiermesh-tier"  # health checks through Envoy name the tier they mean
+ARM_HEADER = "x-tiermesh-arm"
+ARMS = {"control": gateway_pb2.ARM_CONTROL, "treatment": gateway_pb2.ARM_TREATMENT}
+
+STUBS: Mapping[int, Any] = {
+    gateway_pb2.TIER_CLASSIFIERS: classifiers_pb2_grpc.ClassifiersServiceStub,
+    gateway_pb2.TIER_EMBEDDER: embedder_pb2_grpc.EmbedderServiceStub,
+    gateway_pb2.TIER_RETRIEVER: retriever_pb2_grpc.RetrieverServiceStub,
+    gateway_pb2.TIER_LLM: llm_pb2_grpc.LlmServiceStub,
+    gateway_pb2.TIER_BIAS: bias_pb2_grpc.BiasServiceStub,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """A tier's response and the A/B arm that produced it."""
+
+    message: Any
+    arm: int = gateway_pb2.ARM_UNSPECIFIED
+
+
+class Tiers(Protocol):
+    """The tiers as the flow sees them; `AioRpcError` (or any `grpc.RpcError` with `code()`) on failure."""
+
+    async def call(self, tier: int, rpc: str, request: Any, *, timeout: float, user_id: str) -> Reply: ...
+
+    def stream(
+        self, tier: int, rpc: str, request: Any, *, timeout: float, user_id: str
+    ) -> AsyncIterator[Reply]: ...
+
+    async def close(self) -> None: ...
+
+
+def arm_of(metadata: Any) -> int:
+    for key, value in metadata or ():
+        if key == ARM_HEADER:
+            return ARMS.get(value, gateway_pb2.ARM_UNSPECIFIED)
+    return gateway_pb2.ARM_UNSPECIFIED
+
+
+class RemoteTiers:
+    """Stubs over one channel per distinct target (normally all Envoy)."""
+
+    def __init__(self, targets: Mapping[int, str], *, max_message_mb: int = 16) -> None:
+        size = max_message_mb * 1024 * 1024
+        options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        self._channels = {
+            target: telemetry.channel(target, options=options) for target in set(targets.values())
+        }
+        self._stubs = {tier: STUBS[tier](self._channels[target]) for tier, target in targets.items()}
+
+    @staticmethod
+    def _metadata(user_id: str) -> list[tuple[str, str]]:
+        return [(USER_HEADER, user_id)] if user_id else []
+
+    async def call(self, tier: int, rpc: str, request: Any, *, timeout: float, user_id: str) -> Reply:
+        call = getattr(self._stubs[tier], rpc)(request, timeout=timeout, metadata=self._metadata(user_id))
+        message = await call
+        return Reply(message, arm_of(await call.initial_metadata()))
+
+    async def stream(
+        self, tier: int, rpc: str, request: Any, *, timeout: float, user_id: str
+    ) -> AsyncIterator[Reply]:
+        call = getattr(self._stubs[tier], rpc)(request, timeout=timeout, metadata=self._metadata(user_id))
+        try:
+            arm = gateway_pb2.ARM_UNSPECIFIED
+            first = True
+            async for message in call:
+                if first:
+                    arm, first = arm_of(await call.initial_metadata()), False
+                yield Reply(message, arm)
+        finally:
+            call.cancel()  # a consumer that stops early (client gone) stops the generation too
+
+    async def health(self, name: str) -> str:
+        """The health status of tier `name` through Envoy (SERVING, NOT_SERVING, UNAVAILABLE, ...)."""
+        tier = getattr(gateway_pb2, f"TIER_{name.upper()}")
+        stub = health_pb2_grpc.HealthStub(self._channels[self._targets[tier]])
+        service = STUBS[tier].__name__.removesuffix("Stub")
+        package = STUBS[tier].__module__.split(".")[1]
+        try:
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=f"tiermesh.{package}.v1.{service}"),
+                timeout=1.0,
+                metadata=[(TIER_HEADER, name)],
+            )
+        except grpc.RpcError as error:
+            return error.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+
+def is_rpc_error(error: BaseException) -> bool:
+    return isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None))
