@@ -38,7 +38,7 @@ def _print_status(report: dict, as_json: bool) -> None:
         return
     for name, entry in report.items():
         addresses = "  ".join(
-            f"{k}={v}" for k, v in entry.items() if k in ("grpc", "admin", "metrics", "url")
+            f"{k}={v}" for k, v in entry.items() if k in ("grpc", "http", "admin", "metrics", "url")
         )
         print(f"{name:<10} {entry['health']:<12} {addresses}")
 
@@ -54,7 +54,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"mesh is up in {time.perf_counter() - started:.1f}s:")
     _print_status(report, args.json)
     envoy = report["envoy"]["grpc"]
-    print(f"\ntry: buf curl --protocol grpc --http2-prior-knowledge --list-services http://{envoy}")
+    if args.ask and "gateway" in report:
+        from services.gateway.cli import DEMO_QUESTION, cmd_ask
+
+        print(f"\ndemo question, answered through every tier: {DEMO_QUESTION}\n")
+        ask = argparse.Namespace(
+            question=DEMO_QUESTION,
+            user="demo",
+            max_tokens=None,
+            top_k=None,
+            seed=7,
+            stream=True,
+            timeout=300.0,
+            target=envoy,
+        )
+        if cmd_ask(ask) != 0:
+            return 1
+    print('\ntry: tiermesh ask "How does refinancing a car loan work?"')
+    print(f"     buf curl --protocol grpc --http2-prior-knowledge --list-services http://{envoy}")
     return 0
 
 
@@ -236,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the store, every tier and Envoy; wait until all serve")
     up.add_argument("--json", action="store_true", help="print the final status as JSON")
     up.add_argument(
+        "--no-ask", dest="ask", action="store_false", help="skip the demo question asked once all tiers serve"
+    )
+    up.add_argument(
         "--replicas",
         action="append",
         default=[],
@@ -289,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from services.bias.cli import add_commands as add_bias_commands
     from services.classifiers.cli import add_commands as add_classifier_commands
+    from services.gateway.cli import add_commands as add_ask_commands
     from services.gateway.keys_cli import add_commands as add_keys_commands
     from services.retriever.cli import add_commands as add_retriever_commands
 
@@ -296,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_classifier_commands(sub)
     add_bias_commands(sub)
     add_keys_commands(sub)
+    add_ask_commands(sub)
 
     protos = sub.add_parser("protos", help="the generated Python stubs of protos/")
     protos_sub = protos.add_subparsers(dest="protos_command", required=True, metavar="ACTION")

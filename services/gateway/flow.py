@@ -10,11 +10,12 @@ embedder or retriever -> no sources (only when configured, else UNAVAILABLE); th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -182,10 +183,12 @@ class _Run:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            async for reply in self.tiers.stream(
-                tier, rpc, request, timeout=timeout, user_id=self.question.user_id
-            ):
-                yield reply
+            # aclosing: a consumer that stops (client gone) closes the tier's stream at once
+            async with contextlib.aclosing(
+                self.tiers.stream(tier, rpc, request, timeout=timeout, user_id=self.question.user_id)
+            ) as replies:
+                async for reply in replies:
+                    yield reply
         except grpc.RpcError as error:
             code = error.code()
             raise
@@ -259,7 +262,7 @@ class Advisor:
 
     def advise_stream(
         self, question: Question, deadline: float, *, response_id: str = ""
-    ) -> AsyncIterator[str | gateway_pb2.Advice]:
+    ) -> AsyncGenerator[str | gateway_pb2.Advice]:
         """Advice text chunks as they are generated, then the complete Advice."""
         return self._flow(question, deadline, streaming=True, response_id=response_id)
 
@@ -283,7 +286,7 @@ class Advisor:
 
     async def _flow(
         self, question: Question, deadline: float, *, streaming: bool, response_id: str = ""
-    ) -> AsyncIterator[str | gateway_pb2.Advice]:
+    ) -> AsyncGenerator[str | gateway_pb2.Advice]:
         run = _Run(self.tiers, question, deadline, response_id)
         span = trace.get_current_span()
         run.advice.trace_id = format(span.get_span_context().trace_id, "032x") if span.is_recording() else ""
@@ -308,8 +311,9 @@ class Advisor:
             passages = await self._passages(run, vector, intent)
             messages = self.template.messages(question.text, passages, entities)
             if streaming:
-                async for delta in self._generate_stream(run, messages):
-                    yield delta
+                async with contextlib.aclosing(self._generate_stream(run, messages)) as deltas:
+                    async for delta in deltas:
+                        yield delta
             else:
                 await self._generate(run, messages)
         await self._check_bias(run)
@@ -454,13 +458,15 @@ class Advisor:
         text: list[str] = []
         last: Reply | None = None
         try:
-            async for reply in run.stream(
+            replies = run.stream(
                 gateway_pb2.TIER_LLM, "GenerateStream", request, self.config.request_timeout_s
-            ):
-                last = reply
-                if reply.message.delta:
-                    text.append(reply.message.delta)
-                    yield reply.message.delta
+            )
+            async with contextlib.aclosing(replies):
+                async for reply in replies:
+                    last = reply
+                    if reply.message.delta:
+                        text.append(reply.message.delta)
+                        yield reply.message.delta
         except grpc.RpcError as error:
             raise _critical(gateway_pb2.TIER_LLM, error) from None
         if last is None:

@@ -8,11 +8,12 @@ with a stack trace.
 """
 
 import base64
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -563,13 +564,14 @@ def create_app(
             await charge(key, answer.usage.prompt_tokens + answer.usage.completion_tokens)
             return advice_json(answer)
 
-        async def events(items: AsyncIterator[str | gateway_pb2.Advice]) -> AsyncIterator[str]:
-            async for item in items:
-                if isinstance(item, str):
-                    yield _event("chunk", {"text": item})
-                else:
-                    await charge(key, item.usage.prompt_tokens + item.usage.completion_tokens)
-                    yield _event("advice", advice_json(item))
+        async def events(items: AsyncGenerator[str | gateway_pb2.Advice]) -> AsyncIterator[str]:
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    if isinstance(item, str):
+                        yield _event("chunk", {"text": item})
+                    else:
+                        await charge(key, item.usage.prompt_tokens + item.usage.completion_tokens)
+                        yield _event("advice", advice_json(item))
 
         return await _stream(events(advisor.advise_stream(question, deadline)))
 
@@ -649,6 +651,7 @@ def create_app(
         if not body.stream:
             answer = await advisor.advise(question, deadline)
             await charge(key, answer.usage.prompt_tokens + answer.usage.completion_tokens)
+            described = advice_json(answer)
             return {
                 "id": "chatcmpl-" + answer.response_id,
                 "object": "chat.completion",
@@ -662,29 +665,32 @@ def create_app(
                     }
                 ],
                 "usage": _usage(answer),
-                "sources": advice_json(answer)["sources"],
-                "tiermesh": advice_json(answer),
+                "sources": described["sources"],
+                "tiermesh": described,
             }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         ident = "chatcmpl-" + new_response_id()
 
-        async def chunks(items: AsyncIterator[str | gateway_pb2.Advice]) -> AsyncIterator[str]:
+        async def chunks(items: AsyncGenerator[str | gateway_pb2.Advice]) -> AsyncIterator[str]:
             first = True
-            async for item in items:
-                if isinstance(item, str):
-                    delta = {"role": "assistant", "content": item} if first else {"content": item}
-                    first = False
-                    yield _data(_chunk(ident, created, delta, None))
-                    continue
-                await charge(key, item.usage.prompt_tokens + item.usage.completion_tokens)
-                final = _chunk(ident, created, {}, _finish_reason(item, question))
-                described = advice_json(item)
-                final.update(sources=described["sources"], tiermesh=described)
-                yield _data(final)
-                if include_usage:
-                    yield _data({**_chunk(ident, created, {}, None), "choices": [], "usage": _usage(item)})
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    if isinstance(item, str):
+                        delta = {"role": "assistant", "content": item} if first else {"content": item}
+                        first = False
+                        yield _data(_chunk(ident, created, delta, None))
+                        continue
+                    await charge(key, item.usage.prompt_tokens + item.usage.completion_tokens)
+                    final = _chunk(ident, created, {}, _finish_reason(item, question))
+                    described = advice_json(item)
+                    final.update(sources=described["sources"], tiermesh=described)
+                    yield _data(final)
+                    if include_usage:
+                        yield _data(
+                            {**_chunk(ident, created, {}, None), "choices": [], "usage": _usage(item)}
+                        )
             yield "data: [DONE]\n\n"
 
         stream = advisor.advise_stream(question, deadline, response_id=ident.removeprefix("chatcmpl-"))
@@ -772,19 +778,20 @@ def _finish_reason(advice: gateway_pb2.Advice, question: Question) -> str:
     return "length" if advice.usage.completion_tokens >= question.max_tokens else "stop"
 
 
-async def _stream(events: AsyncIterator[str]) -> StreamingResponse:
+async def _stream(events: AsyncGenerator[str]) -> StreamingResponse:
     """An SSE response whose first event is produced before the status is sent, so that errors
     before any text (bad options, a tier down) still answer with their own status and JSON body."""
     first = await anext(events, None)
 
     async def body() -> AsyncIterator[str]:
-        if first is not None:
-            yield first
-        try:
-            async for event in events:
-                yield event
-        except RpcError as error:
-            yield _event("error", from_flow(error).body())
+        async with contextlib.aclosing(events):  # a client gone mid-stream stops the generation
+            if first is not None:
+                yield first
+            try:
+                async for event in events:
+                    yield event
+            except RpcError as error:
+                yield _event("error", from_flow(error).body())
 
     return StreamingResponse(
         body(),
