@@ -50,11 +50,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         tier, _, count = item.partition("=")
         os.environ[f"{tier.strip().upper()}_REPLICAS"] = count.strip()
     started = time.perf_counter()
-    report = Mesh().up(progress=lambda line: print(f"  {line}", flush=True))
+    mesh = Mesh()
+    fresh = not mesh.running()
+    report = mesh.up(progress=lambda line: print(f"  {line}", flush=True))
     print(f"mesh is up in {time.perf_counter() - started:.1f}s:")
     _print_status(report, args.json)
     envoy = report["envoy"]["grpc"]
-    if args.ask and "gateway" in report:
+    if args.ask and fresh and "gateway" in report:
         from services.gateway.cli import DEMO_QUESTION, cmd_ask
 
         print(f"\ndemo question, answered through every tier: {DEMO_QUESTION}\n")

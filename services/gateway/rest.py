@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any, Literal
@@ -439,9 +440,7 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        # pydantic names union members in the location (e.g. "str"); they are not fields
-        field = ".".join(p for p in location if not p.startswith(("list[", "str", "int", "function-")))
+        field = _field(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             return ApiError(
                 400, "invalid_json", f"request body: not valid JSON ({first.get('msg')})"
@@ -746,6 +745,21 @@ def create_app(
 
     app.add_middleware(_Limits, max_body_bytes=config.max_body_bytes)
     return app
+
+
+# pydantic names the union member that failed in the location (e.g. "str", "list[str]"); not a field
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|none)|\w+\[.*\]|function-.*")
+
+
+def _field(location: tuple) -> str:
+    """`("body", "messages", 0, "content")` -> `messages[0].content`."""
+    field = ""
+    for part in location[1:] if location[:1] == ("body",) else location:
+        if isinstance(part, int):
+            field += f"[{part}]"
+        elif not _UNION_MEMBER.fullmatch(part):
+            field += f".{part}" if field else part
+    return field
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Process lifecycle: fail-fast configuration, graceful drain on SIGTERM, up/down."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -83,10 +84,15 @@ def _running(pid: int) -> bool:
 def test_cli_up_outlives_its_command_and_down_stops_everything(
     tmp_path, embedding_model, knowledge_index, language_model, classifier_models, bias_text_model
 ):
-    env = mesh_environ(tmp_path)
+    env = mesh_environ(tmp_path, GATEWAY_DEFAULT_MAX_TOKENS="24")  # a short demo answer
     up = run_cli(env, "up", "--replicas", "retriever=1")
     assert up.returncode == 0, up.stdout + up.stderr
     assert "mesh is up" in up.stdout
+    # the demo question, answered through every tier, with where the answer came from
+    demo = up.stdout.split("demo question", 1)[1]
+    for part in ("sources:\n  [1] kb-", "intent: loan_affordability", "bias: score", "llm          smollm2"):
+        assert part in demo, demo
+    assert re.search(r"trace: [0-9a-f]{32}", demo), demo
     try:
         time.sleep(1.5)  # Envoy dies with its parent unless the runner supervises it
         status = run_cli(env, "status", "--json")
@@ -99,6 +105,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(
             "llm": "SERVING",
             "classifiers": "SERVING",
             "bias": "SERVING",
+            "gateway": "SERVING",
             "envoy": "LIVE",
         }
         again = run_cli(env, "up")
@@ -106,7 +113,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(
     finally:
         down = run_cli(env, "down")
     assert down.returncode == 0, down.stderr
-    for name in ("embedder", "retriever", "llm", "classifiers", "bias", "envoy", "store"):
+    for name in ("embedder", "retriever", "llm", "classifiers", "bias", "gateway", "envoy", "store"):
         assert f"{name}: stopped" in down.stdout
     for name, entry in report.items():
         assert not _running(entry["pid"]), f"{name} still runs after down"
