@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 
 import redis.asyncio as aioredis
 
-from services.gateway.flow import Question
+from services.gateway.flow import Question, check_unicode
 from tiermesh.errors import InvalidArgument
 from tiermesh.gateway.v1 import gateway_pb2
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_PREFIX = "tiermesh:responses:"
 FEEDBACK_STREAM = "tiermesh:feedback"
+RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
 OUTCOMES = ("accepted", "rejected", "applied", "approved", "declined", "defaulted", "repaid", "other")
 
 
@@ -90,6 +92,9 @@ class FeedbackStore:
             raise InvalidArgument("outcome", f"must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
         if len(comment) > 2000:
             raise InvalidArgument("comment", f"is {len(comment)} characters; the limit is 2000")
+        check_unicode(comment, "comment")
+        if not RESPONSE_ID.fullmatch(response_id):
+            raise UnknownResponse(response_id)
         record = await self.client.hgetall(RECORD_PREFIX + response_id)
         if not record:
             raise UnknownResponse(response_id)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
@@ -92,14 +93,18 @@ def resolve(
     names = {"question": "question", "user_id": "user_id", **{k: f"options.{k}" for k in OPTIONS}}
     names.update(fields or {})
     check_text(question, names["question"], max_chars=config.max_question_chars)
-    if len(user_id) > 128:
-        raise InvalidArgument(names["user_id"], f"is {len(user_id)} characters; the limit is 128")
+    check_unicode(question, names["question"])
+    check_user_id(user_id, names["user_id"])
     top_k = config.default_top_k if top_k is None else top_k
     if not 1 <= top_k <= config.max_top_k:
         raise InvalidArgument(names["top_k"], f"must be 1 to {config.max_top_k}, got {top_k}")
     max_tokens = config.default_max_tokens if max_tokens is None else max_tokens
     if not 1 <= max_tokens <= config.max_tokens_cap:
         raise InvalidArgument(names["max_tokens"], f"must be 1 to {config.max_tokens_cap}, got {max_tokens}")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise InvalidArgument(names["seed"], f"must fit in a signed 64-bit integer, got {seed}")
+    for key, value in (metadata_filter or {}).items():
+        check_unicode(key + value, f"{names['metadata_filter']}.{key}")
     temperature = config.default_temperature if temperature is None else temperature
     if not 0.0 <= temperature <= 2.0:  # also refuses NaN
         raise InvalidArgument(names["temperature"], f"must be 0 to 2, got {temperature}")
@@ -115,6 +120,24 @@ def resolve(
 
 
 OPTIONS = ("top_k", "max_tokens", "temperature", "seed", "metadata_filter")
+USER_ID = re.compile(r"[\x20-\x7e]*")
+
+
+def check_user_id(user_id: str, field: str) -> None:
+    """The end user's id travels downstream in a header (`x-tiermesh-user`, for Envoy's sticky A/B
+    routing), so it must be a valid header value."""
+    if len(user_id) > 128:
+        raise InvalidArgument(field, f"is {len(user_id)} characters; the limit is 128")
+    if not USER_ID.fullmatch(user_id):
+        raise InvalidArgument(field, "may hold only printable ASCII characters")
+
+
+def check_unicode(value: str, field: str) -> None:
+    """Refuse text that cannot be sent on (a lone surrogate from a JSON `\\ud800` escape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidArgument(field, f"is not valid Unicode (character {error.start})") from None
 
 
 class Cache(Protocol):
@@ -159,28 +182,34 @@ class _Run:
             raise DeadlineExceeded(f"{HOPS[tier]}: the request's deadline passed before the call")
         return min(cap, remaining)
 
-    def _record(self, tier: int, rpc: str, started: float, code: grpc.StatusCode) -> None:
+    def _start(self, tier: int, rpc: str) -> tuple[gateway_pb2.HopTiming, float]:
+        # listed in the order the calls start; the time and status are filled in when they end
+        return self.advice.timings.add(tier=tier, rpc=rpc), time.perf_counter()
+
+    @staticmethod
+    def _record(timing: gateway_pb2.HopTiming, started: float, code: grpc.StatusCode) -> None:
         seconds = time.perf_counter() - started
-        HOP_SECONDS.labels(HOPS[tier], rpc, code.name).observe(seconds)
-        self.advice.timings.add(tier=tier, rpc=rpc, duration=_duration(seconds), status_code=code.name)
+        HOP_SECONDS.labels(HOPS[timing.tier], timing.rpc, code.name).observe(seconds)
+        timing.duration.CopyFrom(_duration(seconds))
+        timing.status_code = code.name
 
     def used(self, tier: int, model: common_pb2.ModelInfo, arm: int) -> None:
         self.advice.versions.add(tier=tier, model=model, arm=arm)
 
     async def call(self, tier: int, rpc: str, request: Any, cap: float) -> Reply:
         timeout = self._timeout(tier, cap)
-        started = time.perf_counter()
+        timing, started = self._start(tier, rpc)
         try:
             reply = await self.tiers.call(tier, rpc, request, timeout=timeout, user_id=self.question.user_id)
         except grpc.RpcError as error:
-            self._record(tier, rpc, started, error.code())
+            self._record(timing, started, error.code())
             raise
-        self._record(tier, rpc, started, grpc.StatusCode.OK)
+        self._record(timing, started, grpc.StatusCode.OK)
         return reply
 
     async def stream(self, tier: int, rpc: str, request: Any, cap: float) -> AsyncIterator[Reply]:
         timeout = self._timeout(tier, cap)
-        started = time.perf_counter()
+        timing, started = self._start(tier, rpc)
         code = grpc.StatusCode.OK
         try:
             # aclosing: a consumer that stops (client gone) closes the tier's stream at once
@@ -196,7 +225,7 @@ class _Run:
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self._record(tier, rpc, started, code)
+            self._record(timing, started, code)
 
     def degrade(self, mode: int, tier: int, error: BaseException) -> str:
         reason = _reason(tier, error)
@@ -219,14 +248,33 @@ def _reason(tier: int, error: BaseException) -> str:
     return str(error)
 
 
+# A downstream field a tier refused, as the caller named it (`texts[2]` -> `input[2]`).
+CALLER_FIELDS = {
+    "metadata_filter": "filters",
+    "texts": "input",
+    "text": "question",
+    "chat": "question",
+    "sampling.": "options.",
+}
+
+
 def _critical(tier: int, error: grpc.RpcError) -> RpcError:
     """What the caller gets when a tier the answer needs failed: 504 or 503 naming the hop,
-    or the tier's own INVALID_ARGUMENT (a request option it refused)."""
+    or the tier's own INVALID_ARGUMENT, naming the caller's field it came from."""
     detail = f"{HOPS[tier]}: {error.code().name}: {error.details()}"
     if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(detail)
     if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument("options", f"the {HOPS[tier]} tier refused the request: {error.details()}")
+        downstream = (error.details() or "").split(":", 1)[0]
+        field = next(
+            (
+                caller + downstream[len(ours) :]
+                for ours, caller in CALLER_FIELDS.items()
+                if downstream.startswith(ours)
+            ),
+            "options",
+        )
+        return InvalidArgument(field, f"the {HOPS[tier]} tier refused the request: {error.details()}")
     return Unavailable(detail)
 
 
@@ -333,6 +381,7 @@ class Advisor:
         advice.trace_id = run.advice.trace_id
         advice.cached = True
         advice.ClearField("usage")  # nothing was generated for this answer
+        advice.ClearField("timings")  # and no tier was called
         advice.total_duration.CopyFrom(_duration(time.perf_counter() - run.started))
         ANSWERS.labels("cached").inc()
         if self.records is not None:

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.config import GatewayConfig
 from services.gateway.feedback import FeedbackStore, UnknownResponse
-from services.gateway.flow import Advisor, Question, new_response_id, resolve
+from services.gateway.flow import Advisor, Question, check_unicode, check_user_id, new_response_id, resolve
 from services.gateway.keys import ApiKey, KeyStore, RateLimiter
 from services.gateway.tiers import RemoteTiers
 from tiermesh.classifiers.v1 import classifiers_pb2
@@ -81,10 +81,6 @@ def from_flow(error: RpcError) -> ApiError:
     return ApiError(500, "internal_error", "internal error")
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class _Limits:
     """Pure ASGI middleware: a span per request (W3C traceparent in), body size limit, access log."""
 
@@ -105,16 +101,7 @@ class _Limits:
         trace_id = format(span.get_span_context().trace_id, "032x")
         started = time.perf_counter()
         status = 500
-        received = 0
         started_response = False
-
-        async def counting_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise BodyTooLarge
-            return message
 
         async def traced_send(message: dict) -> None:
             nonlocal status, started_response
@@ -126,13 +113,13 @@ class _Limits:
             await send(message)
 
         try:
-            declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_body_bytes:
+            body = await self._body(headers, receive)
+            if body is None:
                 await ApiError(413, "body_too_large", self._too_large()).response()(
                     scope, receive, traced_send
                 )
             else:
-                await self.app(scope, counting_receive, traced_send)
+                await self.app(scope, body, traced_send)
         except Exception as error:
             # A bug must not reach the caller as a stack trace: log it, answer a JSON 500.
             logger.error("unexpected error in %s: %r", route, error, exc_info=error)
@@ -153,6 +140,27 @@ class _Limits:
                 (time.perf_counter() - started) * 1000,
                 extra={"fields": {"status": status, "path": scope["path"], "trace_id": trace_id}},
             )
+
+    async def _body(self, headers: dict[str, str], receive: Callable) -> Callable | None:
+        """`receive` for the app, or None when the body is over the limit. A declared length is
+        checked at once; a chunked body is read (up to the limit) before the app sees it."""
+        declared = headers.get("content-length", "")
+        if declared.isdigit():
+            return None if int(declared) > self.max_body_bytes else receive
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return None
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        return replay
 
     def _too_large(self) -> str:
         return f"request body: larger than the limit of {self.max_body_bytes} bytes"
@@ -430,12 +438,6 @@ def create_app(
     @app.exception_handler(RpcError)
     async def flow_error(_request: Request, error: RpcError) -> JSONResponse:
         return from_flow(error).response()
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(_request: Request, _error: BodyTooLarge) -> JSONResponse:
-        return ApiError(
-            413, "body_too_large", f"request body: larger than {config.max_body_bytes} bytes"
-        ).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -715,10 +717,17 @@ def create_app(
                 param="input",
             )
         for index, text in enumerate(texts):
+            field = "input" if isinstance(body.input, str) else f"input[{index}]"
             if not text.strip():
-                field = "input" if isinstance(body.input, str) else f"input[{index}]"
                 raise ApiError(422, "invalid_request", f"{field}: must not be empty", param=field)
-        reply, _arm = await advisor.embed(texts, user_id=body.user or "", deadline=advisor.deadline(None))
+            check_unicode(text, field)
+        check_user_id(body.user or "", "user")
+        try:
+            reply, _arm = await advisor.embed(texts, user_id=body.user or "", deadline=advisor.deadline(None))
+        except InvalidArgument as error:
+            if isinstance(body.input, str) and error.field.startswith("input[0]"):  # one text: "input"
+                raise InvalidArgument("input" + error.field[8:], str(error).split(": ", 1)[1]) from None
+            raise
         if body.dimensions is not None and body.dimensions != reply.dimension:
             raise ApiError(
                 422,

@@ -72,6 +72,7 @@ class RemoteTiers:
         self._channels = {
             target: telemetry.channel(target, options=options) for target in set(targets.values())
         }
+        self._targets = dict(targets)
         self._stubs = {tier: STUBS[tier](self._channels[target]) for tier, target in targets.items()}
 
     @staticmethod
