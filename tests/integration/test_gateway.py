@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import httpx
@@ -638,3 +639,14 @@ parameters = {{ "body.response_id" = "{answered.json()["response_id"]}" }}
 
     assert result.returncode == 0, result.stdout[-20_000:] + result.stderr[-5_000:]
     assert " passed" in result.stdout, result.stdout
+
+
+def test_personal_data_in_questions_never_reaches_the_gateway_log(api, status):
+    email, phone, account = "jane.doe@example.com", "(415) 555-0134", "4111 1111 1111 1111"
+    question = f"My email is {email}, call {phone}; why was card {account} declined for a recipe?"
+    for body in ({"question": question}, {"question": question, "options": {"top_k": 99}}):
+        assert api.post(ADVICE, json=body).status_code in (200, 422)
+    log = Path(status["gateway"]["log"]).read_text(encoding="utf-8")
+    assert '"POST /v1/advice' in log  # the requests were logged ...
+    for raw in (email, phone, account):
+        assert raw not in log  # ... without the personal data
