@@ -7,11 +7,12 @@ The exporter is chosen by `TIERMESH_TRACES_EXPORTER`: `otlp` (to `OTEL_EXPORTER_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,26 @@ class _TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.U
         with tracer.start_as_current_span(method, kind=trace.SpanKind.CLIENT) as span:
             span.set_attribute("rpc.system", "grpc")
             return await continuation(self._details(client_call_details, span), request)
+
+
+@contextlib.contextmanager
+def client_call(method: str, metadata: Sequence[tuple[str, str]] = ()) -> Iterator[list[tuple[str, str]]]:
+    """A CLIENT span around one call on a plain channel; yields the metadata to send (the trace
+    context injected). The same spans as `channel`'s interceptor, for hot paths: grpc.aio's
+    intercepted calls cost ~0.35 ms each (measured by bench/e2e.py's author on 2 cores)."""
+    tracer = trace.get_tracer("tiermesh.client")
+    with tracer.start_as_current_span(
+        method, kind=trace.SpanKind.CLIENT, record_exception=False, set_status_on_exception=False
+    ) as span:
+        span.set_attribute("rpc.system", "grpc")
+        try:
+            yield outgoing_metadata(metadata)
+        except grpc.RpcError as error:
+            code = error.code()  # type: ignore[attr-defined]
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+            raise
+        span.set_attribute("rpc.grpc.status_code", 0)
 
 
 def _method_name(method: str | bytes) -> str:

@@ -295,6 +295,7 @@ class Advisor:
         self.template = template
         self.cache = cache
         self.records = records
+        self._writes: set[asyncio.Task[None]] = set()
 
     def deadline(self, timeout: float | None) -> float:
         """The monotonic deadline of a request the caller gave `timeout` seconds (None: the default)."""
@@ -368,7 +369,7 @@ class Advisor:
         advice = run.advice
         advice.total_duration.CopyFrom(_duration(time.perf_counter() - run.started))
         ANSWERS.labels(OUT_OF_SCOPE if out_of_scope else "advice").inc()
-        await self._keep(question, advice)
+        self._keep(question, advice)
         yield advice
 
     async def _cached(self, question: Question, run: _Run) -> gateway_pb2.Advice | None:
@@ -384,17 +385,28 @@ class Advisor:
         advice.ClearField("timings")  # and no tier was called
         advice.total_duration.CopyFrom(_duration(time.perf_counter() - run.started))
         ANSWERS.labels("cached").inc()
-        if self.records is not None:
-            await self.records.remember(question, advice)
+        self._keep(question, advice)
         return advice
 
-    async def _keep(self, question: Question, advice: gateway_pb2.Advice) -> None:
+    def _keep(self, question: Question, advice: gateway_pb2.Advice) -> None:
+        """Cache the answer and remember it for feedback, off the answer's path: the writes are
+        issued before the answer is even sent, so feedback on it can follow at once."""
+        writes = []
         if self.cache is not None:
             self.cache.saw(advice)
-            if not advice.degraded_modes and not advice.out_of_scope:
-                await self.cache.put(question, advice)
+            if not (advice.degraded_modes or advice.out_of_scope or advice.cached):
+                writes.append(self.cache.put(question, advice))
         if self.records is not None:
-            await self.records.remember(question, advice)
+            writes.append(self.records.remember(question, advice))
+        for write in writes:
+            task = asyncio.create_task(write)
+            self._writes.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._writes.discard)
+
+    async def drain(self) -> None:
+        """Wait for the pending cache and record writes (at shutdown)."""
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=5)
 
     async def _optional(
         self, run: _Run, tier: int, mode: int, attempt: Callable[[], Awaitable[Any]]

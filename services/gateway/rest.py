@@ -28,6 +28,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.config import GatewayConfig
@@ -273,8 +274,11 @@ def advice_json(advice: gateway_pb2.Advice) -> dict[str, Any]:
     """The REST form of an answer (enums as lower-case words, durations in milliseconds)."""
     bias: dict[str, Any] = {
         "status": _name(gateway_pb2.BiasCheckStatus, advice.bias.status, "BIAS_CHECK_STATUS_"),
-        "unchecked_reason": advice.bias.unchecked_reason,
+        "score": None,
+        "flagged": None,
+        "threshold": None,
         "evidence": [],
+        "unchecked_reason": advice.bias.unchecked_reason,
     }
     if advice.bias.status == gateway_pb2.BIAS_CHECK_STATUS_CHECKED:
         verdict = advice.bias.verdict
@@ -293,6 +297,8 @@ def advice_json(advice: gateway_pb2.Advice) -> dict[str, Any]:
             "text": entity.text,
             "start": entity.start,
             "end": entity.end,
+            "amount": None,
+            "currency": None,
         }
         if entity.HasField("money"):
             item.update(amount=entity.money.amount, currency=entity.money.currency_code)
@@ -506,6 +512,10 @@ def create_app(
             except (OSError, aioredis.RedisError) as error:
                 logger.warning("tokens not charged to %s: %s", key.key_id, error)
 
+    def charged(key: Caller, advice: gateway_pb2.Advice) -> BackgroundTask:
+        """Charge an answer's tokens once the response is sent (off its latency)."""
+        return BackgroundTask(charge, key, advice.usage.prompt_tokens + advice.usage.completion_tokens)
+
     Authorized = Annotated[Caller, Depends(caller)]
 
     # health -----------------------------------------------------------------------------------------
@@ -562,8 +572,7 @@ def create_app(
         deadline = advisor.deadline(None)
         if not body.stream:
             answer = await advisor.advise(question, deadline)
-            await charge(key, answer.usage.prompt_tokens + answer.usage.completion_tokens)
-            return advice_json(answer)
+            return JSONResponse(advice_json(answer), background=charged(key, answer))
 
         async def events(items: AsyncGenerator[str | gateway_pb2.Advice]) -> AsyncIterator[str]:
             async with contextlib.aclosing(items):
@@ -571,8 +580,8 @@ def create_app(
                     if isinstance(item, str):
                         yield _event("chunk", {"text": item})
                     else:
-                        await charge(key, item.usage.prompt_tokens + item.usage.completion_tokens)
                         yield _event("advice", advice_json(item))
+                        await charge(key, item.usage.prompt_tokens + item.usage.completion_tokens)
 
         return await _stream(events(advisor.advise_stream(question, deadline)))
 
@@ -651,9 +660,8 @@ def create_app(
         created = int(time.time())
         if not body.stream:
             answer = await advisor.advise(question, deadline)
-            await charge(key, answer.usage.prompt_tokens + answer.usage.completion_tokens)
             described = advice_json(answer)
-            return {
+            completion = {
                 "id": "chatcmpl-" + answer.response_id,
                 "object": "chat.completion",
                 "created": created,
@@ -669,6 +677,7 @@ def create_app(
                 "sources": described["sources"],
                 "tiermesh": described,
             }
+            return JSONResponse(completion, background=charged(key, answer))
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -683,11 +692,11 @@ def create_app(
                         first = False
                         yield _data(_chunk(ident, created, delta, None))
                         continue
-                    await charge(key, item.usage.prompt_tokens + item.usage.completion_tokens)
                     final = _chunk(ident, created, {}, _finish_reason(item, question))
                     described = advice_json(item)
                     final.update(sources=described["sources"], tiermesh=described)
                     yield _data(final)
+                    await charge(key, item.usage.prompt_tokens + item.usage.completion_tokens)
                     if include_usage:
                         yield _data(
                             {**_chunk(ident, created, {}, None), "choices": [], "usage": _usage(item)}
@@ -700,7 +709,7 @@ def create_app(
     @app.post(
         "/v1/embeddings", tags=["openai"], summary="OpenAI-compatible embeddings from the embedder tier"
     )
-    async def embeddings(body: EmbeddingsRequest, key: Authorized) -> dict[str, Any]:
+    async def embeddings(body: EmbeddingsRequest, key: Authorized) -> JSONResponse:
         if body.model != config.embedding_model:
             raise ApiError(
                 404,
@@ -736,7 +745,6 @@ def create_app(
                 param="dimensions",
             )
         tokens = sum(item.token_count for item in reply.embeddings)
-        await charge(key, tokens)
         data = []
         for index, item in enumerate(reply.embeddings):
             values = list(item.values)
@@ -745,12 +753,13 @@ def create_app(
             else:
                 encoded = values
             data.append({"object": "embedding", "index": index, "embedding": encoded})
-        return {
+        body_out = {
             "object": "list",
             "data": data,
             "model": reply.model.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+        return JSONResponse(body_out, background=BackgroundTask(charge, key, tokens))
 
     app.add_middleware(_Limits, max_body_bytes=config.max_body_bytes)
     return app

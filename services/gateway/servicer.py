@@ -118,6 +118,8 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
             self._http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
                 await self._http_task
+        if self.advisor is not None:
+            await self.advisor.drain()
         if self._cache is not None:
             await self._cache.stop()
         if self.advisor is not None:

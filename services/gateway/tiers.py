@@ -35,6 +35,12 @@ STUBS: Mapping[int, Any] = {
     gateway_pb2.TIER_BIAS: bias_pb2_grpc.BiasServiceStub,
 }
 
+# full service names, e.g. "tiermesh.llm.v1.LlmService"
+SERVICES = {
+    tier: stub.__module__.rsplit(".", 1)[0] + "." + stub.__name__.removesuffix("Stub")
+    for tier, stub in STUBS.items()
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
@@ -69,8 +75,10 @@ class RemoteTiers:
     def __init__(self, targets: Mapping[int, str], *, max_message_mb: int = 16) -> None:
         size = max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        # plain channels: each call opens its span itself (telemetry.client_call), cheaper than
+        # an intercepted channel on the gateway's hot path
         self._channels = {
-            target: telemetry.channel(target, options=options) for target in set(targets.values())
+            target: grpc.aio.insecure_channel(target, options=options) for target in set(targets.values())
         }
         self._targets = dict(targets)
         self._stubs = {tier: STUBS[tier](self._channels[target]) for tier, target in targets.items()}
@@ -80,20 +88,21 @@ class RemoteTiers:
         return [(USER_HEADER, user_id)] if user_id else []
 
     async def call(self, tier: int, rpc: str, request: Any, *, timeout: float, user_id: str) -> Reply:
-        call = getattr(self._stubs[tier], rpc)(request, timeout=timeout, metadata=self._metadata(user_id))
-        message = await call
-        return Reply(message, arm_of(await call.initial_metadata()))
+        with telemetry.client_call(f"{SERVICES[tier]}/{rpc}", self._metadata(user_id)) as metadata:
+            call = getattr(self._stubs[tier], rpc)(request, timeout=timeout, metadata=metadata)
+            message = await call
+            return Reply(message, arm_of(await call.initial_metadata()))
 
     async def stream(
         self, tier: int, rpc: str, request: Any, *, timeout: float, user_id: str
     ) -> AsyncIterator[Reply]:
-        call = getattr(self._stubs[tier], rpc)(request, timeout=timeout, metadata=self._metadata(user_id))
+        # the span covers establishing the stream (its first message), like the interceptor's
+        with telemetry.client_call(f"{SERVICES[tier]}/{rpc}", self._metadata(user_id)) as metadata:
+            call = getattr(self._stubs[tier], rpc)(request, timeout=timeout, metadata=metadata)
+            await call.initial_metadata()
         try:
-            arm = gateway_pb2.ARM_UNSPECIFIED
-            first = True
+            arm = arm_of(await call.initial_metadata())
             async for message in call:
-                if first:
-                    arm, first = arm_of(await call.initial_metadata()), False
                 yield Reply(message, arm)
         finally:
             call.cancel()  # a consumer that stops early (client gone) stops the generation too
@@ -102,11 +111,9 @@ class RemoteTiers:
         """The health status of tier `name` through Envoy (SERVING, NOT_SERVING, UNAVAILABLE, ...)."""
         tier = getattr(gateway_pb2, f"TIER_{name.upper()}")
         stub = health_pb2_grpc.HealthStub(self._channels[self._targets[tier]])
-        service = STUBS[tier].__name__.removesuffix("Stub")
-        package = STUBS[tier].__module__.split(".")[1]
         try:
             response = await stub.Check(
-                health_pb2.HealthCheckRequest(service=f"tiermesh.{package}.v1.{service}"),
+                health_pb2.HealthCheckRequest(service=SERVICES[tier]),
                 timeout=1.0,
                 metadata=[(TIER_HEADER, name)],
             )

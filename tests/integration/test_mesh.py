@@ -31,11 +31,13 @@ def stub(envoy):
 
 def test_status_reports_every_component_healthy(mesh):
     running, status = mesh
-    tiers = {"embedder", "retriever", "retriever-2", "llm", "classifiers", "bias"}
+    tiers = {"embedder", "retriever", "retriever-2", "llm", "classifiers", "bias", "gateway"}
     assert set(status) == {"store", "envoy", *tiers}
     assert status["store"]["health"] == "SERVING" and status["store"]["url"].startswith("redis://127.0.0.1:")
     assert status["envoy"]["health"] == "LIVE" and status["envoy"]["admin"].startswith("127.0.0.1:")
     assert status["embedder"]["health"] == status["retriever-2"]["health"] == "SERVING"
+    assert status["gateway"]["health"] == "SERVING" and status["gateway"]["http"].startswith("127.0.0.1:")
+    assert status["envoy"]["http"].startswith("127.0.0.1:")  # the REST listener
     cli = run_cli(running.environ, "status", "--json")
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["embedder"]["grpc"] == status["embedder"]["grpc"]

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from services.gateway.cache import ResponseCache, VersionBook, normalise
 from services.gateway.flow import resolve
-from services.gateway.tests.test_flow import ScriptedTiers, advisor, failure
+from services.gateway.tests.test_flow import ScriptedTiers, advisor, answer, failure
 from tiermesh.gateway.v1 import gateway_pb2 as g
 from tiermesh.hotswap import channel
 
@@ -51,11 +51,11 @@ async def test_a_repeated_question_is_answered_from_the_cache_without_calling_an
     tiers = ScriptedTiers()
     flow = advisor(tiers)
     flow.cache = cache
-    first = await flow.advise(resolve(flow.config, QUESTION, seed=1), flow.deadline(None))
-    other_options = await flow.advise(resolve(flow.config, QUESTION, seed=2), flow.deadline(None))
+    first = await answer(flow, resolve(flow.config, QUESTION, seed=1), flow.deadline(None))
+    other_options = await answer(flow, resolve(flow.config, QUESTION, seed=2), flow.deadline(None))
     assert not first.cached and not other_options.cached
     calls = len(tiers.calls)
-    repeat = await flow.advise(resolve(flow.config, "  " + QUESTION.upper(), seed=1), flow.deadline(None))
+    repeat = await answer(flow, resolve(flow.config, "  " + QUESTION.upper(), seed=1), flow.deadline(None))
     assert repeat.cached and len(tiers.calls) == calls  # no tier was called
     assert repeat.text == first.text and repeat.response_id != first.response_id
     assert [v.model.version for v in repeat.versions] == [v.model.version for v in first.versions]
@@ -67,8 +67,8 @@ async def test_a_new_version_announced_for_any_model_used_is_never_served_an_old
     flow = advisor(tiers)
     flow.cache = cache
     question = resolve(flow.config, QUESTION)
-    await flow.advise(question, flow.deadline(None))
-    assert (await flow.advise(question, flow.deadline(None))).cached
+    await answer(flow, question, flow.deadline(None))
+    assert (await answer(flow, question, flow.deadline(None))).cached
 
     publisher = aioredis.Redis.from_url(store_url)
     await publisher.publish(
@@ -79,7 +79,7 @@ async def test_a_new_version_announced_for_any_model_used_is_never_served_an_old
         if cache.book.current().get("loan-kb") == "2.0.0":
             break
         await asyncio.sleep(0.02)
-    assert not (await flow.advise(question, flow.deadline(None))).cached  # the index moved on
+    assert not (await answer(flow, question, flow.deadline(None))).cached  # the index moved on
 
 
 async def test_degraded_answers_are_not_cached(cache):
@@ -87,6 +87,6 @@ async def test_degraded_answers_are_not_cached(cache):
     flow = advisor(tiers)
     flow.cache = cache
     question = resolve(flow.config, QUESTION)
-    first = await flow.advise(question, flow.deadline(None))
+    first = await answer(flow, question, flow.deadline(None))
     assert list(first.degraded_modes) == [g.DEGRADED_MODE_BIAS_UNCHECKED]
-    assert not (await flow.advise(question, flow.deadline(None))).cached
+    assert not (await answer(flow, question, flow.deadline(None))).cached

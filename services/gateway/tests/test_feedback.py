@@ -7,7 +7,7 @@ import redis.asyncio as aioredis
 
 from services.gateway.feedback import FEEDBACK_STREAM, FeedbackStore, UnknownResponse
 from services.gateway.flow import resolve
-from services.gateway.tests.test_flow import ScriptedTiers, advisor
+from services.gateway.tests.test_flow import ScriptedTiers, advisor, answer
 from tiermesh.errors import InvalidArgument
 
 
@@ -17,7 +17,7 @@ async def answered(store_url):
     store = FeedbackStore(client, ttl_s=3600)
     flow = advisor(ScriptedTiers())
     flow.records = store
-    advice = await flow.advise(resolve(flow.config, "Is 6% APR good?", user_id="u-7"), flow.deadline(None))
+    advice = await answer(flow, resolve(flow.config, "Is 6% APR good?", user_id="u-7"), flow.deadline(None))
     yield store, advice
     await client.aclose()
 

@@ -121,6 +121,13 @@ def advisor(tiers: ScriptedTiers, **config: Any) -> Advisor:
     return Advisor(tier_config(GatewayConfig, **config), tiers, prompt.load("1"))
 
 
+async def answer(flow: Advisor, question: Any, deadline: float) -> g.Advice:
+    """`flow.advise`, then wait for its cache and record writes (they run off the answer's path)."""
+    advice = await flow.advise(question, deadline)
+    await flow.drain()
+    return advice
+
+
 async def ask(tiers: ScriptedTiers, *, timeout: float | None = None, **config: Any) -> g.Advice:
     flow = advisor(tiers, **config)
     question = resolve(flow.config, QUESTION, user_id="u1", top_k=2, max_tokens=32)

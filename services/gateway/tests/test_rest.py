@@ -1,0 +1,36 @@
+"""The REST forms of an answer and of request errors (the routes themselves are tested through
+Envoy in tests/integration/test_gateway.py)."""
+
+import grpc
+import pytest
+
+from services.gateway.rest import AdviceOut, _field, advice_json
+from services.gateway.tests.test_flow import ScriptedTiers, ask, failure
+from tiermesh.classifiers.v1 import classifiers_pb2
+
+
+@pytest.mark.parametrize(
+    "tiers",
+    [
+        ScriptedTiers(),
+        ScriptedTiers(ScoreText=failure(grpc.StatusCode.UNAVAILABLE)),
+        ScriptedTiers(
+            ClassifyIntent=failure(grpc.StatusCode.UNAVAILABLE),
+            ExtractEntities=classifiers_pb2.ExtractEntitiesResponse(
+                entities=[classifiers_pb2.Entity(label=classifiers_pb2.ENTITY_LABEL_DATE, text="March")]
+            ),
+        ),
+    ],
+    ids=["full", "bias-unchecked", "no-intent"],
+)
+async def test_the_json_answer_has_exactly_the_documented_shape(tiers):
+    described = advice_json(await ask(tiers))
+    # the document's schema (AdviceOut) adds nothing and drops nothing: every key is always present
+    assert AdviceOut.model_validate(described).model_dump() == described
+
+
+def test_the_fields_of_a_request_error_are_named_as_the_caller_wrote_them():
+    assert _field(("body", "messages", 0, "content")) == "messages[0].content"
+    assert _field(("body", "input", "list[str]", 3)) == "input[3]"
+    assert _field(("body", "options", "top_k")) == "options.top_k"
+    assert _field(("body",)) == ""
