@@ -14,6 +14,8 @@ printf '\033[1m==> demo: the intent and entities of a question (classifiers thro
 cat <<'TIP'
 
 The mesh keeps running. Next:
+  .venv/bin/tiermesh ask "How does refinancing a car loan work?" --stream
+  .venv/bin/tiermesh keys create --name my-app      an API key for the REST API on :8000 (/docs)
   .venv/bin/tiermesh status            health and addresses
   .venv/bin/tiermesh index list        knowledge-base index versions (* = live)
   .venv/bin/tiermesh models list       model versions (* = live); tiermesh train --help to retrain

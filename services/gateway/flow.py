@@ -425,9 +425,18 @@ class Advisor:
                 classifiers_pb2.ClassifyIntentRequest(text=run.question.text),
                 self.config.classify_timeout_s,
             )
-            run.advice.intent.CopyFrom(reply.message.intent)
+            intent = reply.message.intent
+            run.advice.intent.CopyFrom(intent)
             run.used(gateway_pb2.TIER_CLASSIFIERS, reply.message.model, reply.arm)
-            return reply.message.intent.label
+            # The classifier calls every low-confidence question out_of_scope; measured on the
+            # knowledge base's 184 held-out questions, 48 were, all with a loan intent as the most
+            # likely class, while off-topic questions get out_of_scope as the most likely class
+            # (0.82-0.97). So only the latter are refused, and a low-confidence intent only loses
+            # its topic boost.
+            top = intent.candidates[0].label if intent.candidates else intent.label
+            if top == OUT_OF_SCOPE:
+                return OUT_OF_SCOPE
+            return "" if intent.low_confidence else intent.label
 
         label, _ = await self._optional(
             run, gateway_pb2.TIER_CLASSIFIERS, gateway_pb2.DEGRADED_MODE_CLASSIFIERS_SKIPPED, classify

@@ -169,16 +169,33 @@ async def test_passages_on_the_intents_topics_are_lifted_and_the_prompt_carries_
     assert "$25,000" in system.content and "Chase" not in system.content  # figures only, not every entity
 
 
-async def test_out_of_scope_questions_get_the_refusal_without_retrieval_or_generation():
-    tiers = ScriptedTiers(
-        ClassifyIntent=classifiers_pb2.ClassifyIntentResponse(
-            intent=classifiers_pb2.Intent(label="out_of_scope", probability=0.2, low_confidence=True)
+def intent(
+    label: str, probability: float, top: str, low_confidence: bool
+) -> classifiers_pb2.ClassifyIntentResponse:
+    return classifiers_pb2.ClassifyIntentResponse(
+        intent=classifiers_pb2.Intent(
+            label=label,
+            probability=probability,
+            low_confidence=low_confidence,
+            candidates=[classifiers_pb2.IntentCandidate(label=top, probability=probability)],
         )
     )
+
+
+async def test_out_of_scope_questions_get_the_refusal_without_retrieval_or_generation():
+    tiers = ScriptedTiers(ClassifyIntent=intent("out_of_scope", 0.96, "out_of_scope", False))
     advice = await ask(tiers)
     assert advice.out_of_scope and advice.text == prompt.load("1").refusal
     assert "Generate" not in tiers.rpcs() and "Search" not in tiers.rpcs()
     assert not advice.sources and advice.usage.completion_tokens == 0
+
+
+async def test_a_low_confidence_loan_question_is_answered_without_the_topic_boost():
+    # the classifier labels it out_of_scope only because no loan intent was confident enough
+    tiers = ScriptedTiers(ClassifyIntent=intent("out_of_scope", 0.31, "loan_affordability", True))
+    advice = await ask(tiers)
+    assert not advice.out_of_scope and "Generate" in tiers.rpcs()
+    assert [s.doc_id for s in advice.sources] == ["kb-apr-001", "kb-dti-001"]  # by score alone
 
 
 async def test_bias_tier_down_marks_the_advice_unchecked_never_clean():
