@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.config import GatewayConfig
-from services.gateway.feedback import FeedbackStore, UnknownResponse
+from services.gateway.feedback import OUTCOMES, FeedbackStore, UnknownResponse
 from services.gateway.flow import Advisor, Question, check_unicode, check_user_id, new_response_id, resolve
 from services.gateway.keys import ApiKey, KeyStore, RateLimiter
 from services.gateway.tiers import RemoteTiers
@@ -761,8 +761,60 @@ def create_app(
         }
         return JSONResponse(body_out, background=BackgroundTask(charge, key, tokens))
 
+    document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_limits(document(), config)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(_Limits, max_body_bytes=config.max_body_bytes)
     return app
+
+
+def _with_limits(schema: dict[str, Any], config: GatewayConfig) -> dict[str, Any]:
+    """State this gateway's limits in its OpenAPI document (they come from its configuration,
+    so the pydantic models cannot carry them); requests outside them are refused with 422."""
+    models = schema["components"]["schemas"]
+    int64 = {"minimum": -(2**63), "maximum": 2**63 - 1}
+    user = {"maxLength": 128, "pattern": "^[\\x20-\\x7e]*$"}
+    temperature = {"minimum": 0, "maximum": 2}
+    tokens = {"minimum": 1, "maximum": config.max_tokens_cap}
+    limits = {
+        "AdviceRequest": {
+            "question": {"minLength": 1, "maxLength": config.max_question_chars},
+            "user_id": user,
+        },
+        "AdviceOptions": {
+            "top_k": {"minimum": 1, "maximum": config.max_top_k},
+            "max_tokens": tokens,
+            "temperature": temperature,
+            "seed": int64,
+        },
+        "ChatCompletionRequest": {
+            "max_tokens": tokens,
+            "max_completion_tokens": tokens,
+            "temperature": temperature,
+            "seed": int64,
+            "n": {"minimum": 1, "maximum": 1},
+            "user": user,
+        },
+        "EmbeddingsRequest": {"user": user},
+        "FeedbackRequest": {
+            "rating": {"minimum": -1, "maximum": 1},
+            "outcome": {"enum": ["", *OUTCOMES]},
+            "comment": {"maxLength": 2000},
+        },
+    }
+    for model, fields in limits.items():
+        properties = models[model]["properties"]
+        for name, bounds in fields.items():
+            # an optional field is anyOf [<its type>, null]: the bounds belong to its type
+            for branch in properties[name].get("anyOf", [properties[name]]):
+                if branch.get("type") != "null":
+                    branch.update(bounds)
+    return schema
 
 
 # pydantic names the union member that failed in the location (e.g. "str", "list[str]"); not a field

@@ -4,9 +4,11 @@ Envoy in tests/integration/test_gateway.py)."""
 import grpc
 import pytest
 
-from services.gateway.rest import AdviceOut, _field, advice_json
+from services.gateway.config import GatewayConfig
+from services.gateway.rest import AdviceOut, _field, advice_json, create_app
 from services.gateway.tests.test_flow import ScriptedTiers, ask, failure
 from tiermesh.classifiers.v1 import classifiers_pb2
+from tiermesh.testing import tier_config
 
 
 @pytest.mark.parametrize(
@@ -34,3 +36,14 @@ def test_the_fields_of_a_request_error_are_named_as_the_caller_wrote_them():
     assert _field(("body", "input", "list[str]", 3)) == "input[3]"
     assert _field(("body", "options", "top_k")) == "options.top_k"
     assert _field(("body",)) == ""
+
+
+def test_the_openapi_document_states_this_gateways_configured_limits():
+    config = tier_config(GatewayConfig, max_top_k=7, max_tokens_cap=64, max_question_chars=500)
+    app = create_app(config, None, None, keys=None, limiter=None, feedback=None, store=None)
+    models = app.openapi()["components"]["schemas"]
+    top_k = models["AdviceOptions"]["properties"]["top_k"]["anyOf"][0]
+    assert (top_k["minimum"], top_k["maximum"]) == (1, 7)
+    assert models["ChatCompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 64
+    assert models["AdviceRequest"]["properties"]["question"]["maxLength"] == 500
+    assert "repaid" in models["FeedbackRequest"]["properties"]["outcome"]["enum"]
