@@ -6,7 +6,6 @@ as few requests generate as the checks allow (out-of-scope questions never reach
 """
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -20,17 +19,14 @@ import numpy as np
 import openai
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from services.gateway import prompt
-from services.gateway.config import GatewayConfig
-from services.gateway.keys import KeyStore
-from services.gateway.servicer import GatewayTier
+from tests.integration.gateway import local_gateway
 from tiermesh.classifiers.v1 import classifiers_pb2, classifiers_pb2_grpc
 from tiermesh.contract import REPO_ROOT
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from tiermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tiermesh.testing import run_cli, serving_in_process, tier_config
+from tiermesh.testing import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -550,34 +546,6 @@ def test_the_openapi_document_and_docs_are_served(anonymous):
     docs = anonymous.get("/docs")
     assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
     assert "<html" in docs.text.lower() and "/openapi.json" in docs.text
-
-
-# -- an in-process gateway over the mesh ---------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def local_gateway(status: dict, **settings):
-    """A gateway tier served in this process, calling the mesh's tiers through its Envoy; yields
-    (its REST base URL, a fresh API key with high limits)."""
-    envoy = status["envoy"]["grpc"]
-    config = tier_config(
-        GatewayConfig,
-        http_port=0,
-        store_url=status["store"]["url"],
-        shutdown_grace_s=1.0,
-        **{f"{tier}_target": envoy for tier in ("classifiers", "embedder", "retriever", "llm", "bias")},
-        **settings,
-    )
-    store = aioredis.Redis.from_url(status["store"]["url"])
-    try:
-        secret, _ = await KeyStore(store).create(
-            "local", requests_per_minute=100_000, tokens_per_minute=10**9
-        )
-    finally:
-        await store.aclose()
-    tier = GatewayTier(config)
-    async with serving_in_process(tier, config):
-        yield f"http://127.0.0.1:{tier.http_port}", secret
 
 
 async def test_a_user_id_that_cannot_be_a_header_is_refused_not_hung(status):

@@ -12,14 +12,11 @@ import time
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.gateway.config import GatewayConfig
-from services.gateway.keys import KeyStore
-from services.gateway.servicer import GatewayTier
+from tests.integration.gateway import local_gateway
 from tiermesh.runner import grpc_health, stop_process
-from tiermesh.testing import run_cli, running_mesh, serving_in_process, tier_config
+from tiermesh.testing import run_cli, running_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -61,30 +58,13 @@ def api(status):
 
 
 @contextlib.asynccontextmanager
-async def local_gateway(status: dict, **settings):
-    """A gateway served in this process over the mesh's Envoy; yields an async client of its REST
-    API with a fresh key (requests to it must be awaited: its server runs on this event loop)."""
-    envoy = status["envoy"]["grpc"]
-    config = tier_config(
-        GatewayConfig,
-        http_port=0,
-        store_url=status["store"]["url"],
-        shutdown_grace_s=1.0,
-        **{f"{tier}_target": envoy for tier in ("classifiers", "embedder", "retriever", "llm", "bias")},
-        **settings,
-    )
-    store = aioredis.Redis.from_url(status["store"]["url"])
-    try:
-        secret, _ = await KeyStore(store).create("local", requests_per_minute=10_000, tokens_per_minute=10**9)
-    finally:
-        await store.aclose()
-    tier = GatewayTier(config)
+async def local_client(status: dict, **settings):
+    """An async client of a gateway served in this process over the mesh's Envoy (requests to it
+    must be awaited: its server runs on this event loop)."""
     async with (
-        serving_in_process(tier, config),
+        local_gateway(status, **settings) as (url, secret),
         httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{tier.http_port}",
-            headers={"Authorization": f"Bearer {secret}"},
-            timeout=TIMEOUT,
+            base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=TIMEOUT
         ) as client,
     ):
         yield client
@@ -125,7 +105,7 @@ def advise(client: httpx.Client, **extra) -> httpx.Response:
 
 
 async def test_a_request_out_of_time_names_the_hop_that_ran_out(status):
-    async with local_gateway(status, request_timeout_s=0.5) as client:
+    async with local_client(status, request_timeout_s=0.5) as client:
         warm = await client.post("/v1/advice", json={"question": "What's a good recipe for banana bread?"})
         assert warm.status_code == 200, warm.text  # channels open: the hops before the llm are quick
 
@@ -179,7 +159,7 @@ async def test_tiers_stopped_one_by_one_degrade_or_fail_by_name(degraded_mesh, s
     streamed = advise(api, stream=True)  # fails before any text: the same status and JSON body
     assert streamed.status_code == 503 and error_of(streamed)["param"] == "retriever", streamed.text
 
-    async with local_gateway(status, answer_without_sources=True) as local:
+    async with local_client(status, answer_without_sources=True) as local:
         response = await local.post("/v1/advice", json={"question": QUESTION, "options": GENERATION})
         assert response.status_code == 200, response.text
         advice = response.json()
