@@ -93,6 +93,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if report and all(e["health"] in healthy for e in report.values()) else 1
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from tiermesh.runner import Mesh
+    from tiermesh.traces import render, spans_of
+
+    path = Path(args.file or os.environ.get("TIERMESH_TRACES_FILE") or Mesh().run_dir / "traces.jsonl")
+    if not path.is_file():
+        print(
+            f"no trace file at {path} (TIERMESH_TRACES_EXPORTER=otlp sends spans elsewhere)", file=sys.stderr
+        )
+        return 1
+    spans = spans_of(path, args.trace_id.strip().lower())
+    if not spans:
+        print(f"no spans of trace {args.trace_id} in {path}", file=sys.stderr)
+        return 1
+    print(render(spans))
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from tiermesh.runner import Mesh
 
@@ -281,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--lines", type=int, default=40, help="lines of history to print")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.set_defaults(run=cmd_logs)
+
+    trace = sub.add_parser("trace", help="one request's spans across every process, as a tree with timings")
+    trace.add_argument("trace_id", help="the 32-hex-digit trace id (an answer's trace_id, a log line's)")
+    trace.add_argument("--file", help="the JSON-lines trace file (default: the running mesh's)")
+    trace.set_defaults(run=cmd_trace)
 
     embed = sub.add_parser("embed", help="embed texts through Envoy and print the vectors' first values")
     embed.add_argument("texts", nargs="+", help="texts to embed")

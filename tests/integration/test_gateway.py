@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -618,3 +619,29 @@ def test_personal_data_in_questions_never_reaches_the_gateway_log(api, status):
     assert '"POST /v1/advice' in log  # the requests were logged ...
     for raw in (email, phone, account):
         assert raw not in log  # ... without the personal data
+
+
+def test_tiermesh_trace_draws_one_answers_path_through_every_tier(api, mesh):
+    response = advise(api, QUESTION)
+    assert response.status_code == 200, response.text
+    trace_id = response.json()["trace_id"]
+    for _ in range(20):  # the gateway's REST span ends just after the response is sent
+        shown = run_cli(mesh[0].environ, "trace", trace_id)
+        if "POST /v1/advice (server)" in shown.stdout:
+            break
+        time.sleep(0.1)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[1].split()[4] == "tiermesh-gateway" and lines[1].endswith("POST /v1/advice (server)")
+    for service, rpc in (
+        ("classifiers", "ClassifiersService/ClassifyIntent"),
+        ("embedder", "EmbedderService/Embed"),
+        ("retriever", "RetrieverService/Search"),
+        ("llm", "LlmService/Generate"),
+        ("bias", "BiasService/ScoreText"),
+    ):
+        # the gateway's call, and under it the tier's own span
+        client = next(i for i, line in enumerate(lines) if line.endswith(f"{rpc} (client)"))
+        assert f"tiermesh-{service}" in lines[client + 1] and lines[client + 1].endswith(f"{rpc} (server)")
+    missing = run_cli(mesh[0].environ, "trace", "0" * 32)
+    assert missing.returncode == 1 and "no spans of trace" in missing.stderr
