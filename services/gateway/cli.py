@@ -108,9 +108,8 @@ def describe(advice: Any, *, with_text: bool = True) -> str:
     )
     total = advice.total_duration.ToNanoseconds() / 1e6
     lines.append(f"timings: {hops}; total {total:.0f} ms" + (" (cached answer)" if advice.cached else ""))
-    lines.append(
-        f"trace: {advice.trace_id}  (tiermesh logs shows the spans' logs; response {advice.response_id})"
-    )
+    lines.append(f"trace: {advice.trace_id}  (tiermesh trace {advice.trace_id} draws it)")
+    lines.append(f"response: {advice.response_id}  (rate it with POST /v1/feedback)")
     return "\n".join(lines)
 
 
