@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import json
@@ -11,9 +12,11 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def log(message: str) -> None:
@@ -46,18 +49,36 @@ def host(packages: Iterable[str], **extra: Any) -> dict[str, Any]:
     }
 
 
-def summary(latencies: Sequence[float], wall_s: float) -> dict[str, float]:
-    """Request count, p50/p95/p99 in milliseconds and throughput of latencies in seconds."""
+def percentiles(latencies: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99 in milliseconds of latencies in seconds (NaN when there are none)."""
     import numpy as np
 
-    ms = np.asarray(latencies) * 1000
-    return {
-        "requests": len(ms),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "per_s": len(ms) / wall_s,
-    }
+    if not len(latencies):
+        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan")}
+    ms = np.asarray(latencies, dtype=float) * 1000
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}
+
+
+def summary(latencies: Sequence[float], wall_s: float) -> dict[str, float]:
+    """Request count, p50/p95/p99 in milliseconds and throughput of latencies in seconds."""
+    return {"requests": len(latencies), **percentiles(latencies), "per_s": len(latencies) / wall_s}
+
+
+async def keep_in_flight(
+    concurrency: int, indices: Iterable[int], one: Callable[[int], Awaitable[T]]
+) -> tuple[list[T], float]:
+    """Keep `concurrency` calls of `one(index)` running until every index was asked:
+    (the results in the order they finished, the wall time in seconds)."""
+    queue = iter(indices)
+    done: list[T] = []
+
+    async def worker() -> None:
+        for index in queue:
+            done.append(await one(index))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done, time.perf_counter() - started
 
 
 def timed(

@@ -62,7 +62,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import host, log, summary, verdicts, write_json
+from bench.common import host, keep_in_flight, log, percentiles, summary, verdicts, write_json
 from services.gateway.tiers import Reply
 from tiermesh.errors import RpcError
 
@@ -155,26 +155,10 @@ def critical(hops: Mapping[str, float]) -> float:
     )
 
 
-def pct(values_s: Sequence[float]) -> dict[str, float]:
-    """p50/p95/p99 in milliseconds (NaN when there is nothing to measure)."""
-    if not len(values_s):
-        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan")}
-    ms = np.asarray(values_s, dtype=float) * 1000
-    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}
-
-
 async def run_level(users: int, indices: range, one: Callable[[int], Awaitable[Sample]]) -> Level:
     """Keep `users` requests in flight until every index has been asked."""
-    queue = iter(indices)
-    done: list[Sample] = []
-
-    async def user() -> None:
-        for index in queue:
-            done.append(await one(index))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(user() for _ in range(users)))
-    return Level(users, sorted(done, key=lambda s: s.index), time.perf_counter() - started)
+    done, wall_s = await keep_in_flight(users, indices, one)
+    return Level(users, sorted(done, key=lambda s: s.index), wall_s)
 
 
 def user_id(index: int) -> str:
@@ -384,7 +368,7 @@ async def measure(name: str, plan: Plan, one: Callable[[int], Awaitable[Sample]]
     levels = []
     for users, indices in plan.blocks():
         level = await run_level(users, indices, one)
-        e2e = pct([s.e2e_s for s in level.ok])
+        e2e = percentiles([s.e2e_s for s in level.ok])
         log(
             f"{name:<10} users={users:<3} {len(level.ok)}/{len(indices)} ok  "
             f"{len(level.ok) / level.wall_s:5.2f} req/s  e2e p50 {e2e['p50_ms']:.0f} ms"
@@ -598,37 +582,39 @@ def level_report(level: Level, *, mesh: bool) -> dict[str, Any]:
         "failures": len(level.samples) - len(ok),
         "errors": sorted({s.error for s in level.samples if s.error})[:3],
         "wall_s": level.wall_s,
-        "e2e": summary([s.e2e_s for s in ok], level.wall_s)
-        if ok
-        else {"requests": 0, **pct([]), "per_s": 0.0},
+        "e2e": summary([s.e2e_s for s in ok], level.wall_s),  # NaN percentiles when nothing succeeded
         "completion_tokens_mean": float(np.mean([s.completion_tokens for s in ok])) if ok else None,
         "out_of_scope": sum(s.out_of_scope for s in ok),
         "degraded": sum(bool(s.degraded) for s in ok),
     }
     timed = [s for s in ok if all(r in s.hops_s for r in s.rpcs)]
-    report["overhead"] = pct([s.e2e_s - critical(s.hops_s) for s in timed])
-    report["tier_critical_path"] = pct([critical(s.hops_s) for s in timed])
+    report["overhead"] = percentiles([s.e2e_s - critical(s.hops_s) for s in timed])
+    report["tier_critical_path"] = percentiles([critical(s.hops_s) for s in timed])
     hops: dict[str, Any] = {}
     for rpc in HOPS:
         tier = [s.hops_s[rpc] for s in ok if rpc in s.hops_s]
-        hops[rpc] = {"tier": pct(tier)}
+        hops[rpc] = {"tier": percentiles(tier)}
         if mesh:
             both = [s for s in ok if rpc in s.hops_s and rpc in s.client_s]
-            hops[rpc]["gateway_observed"] = pct([s.client_s[rpc] for s in both])
-            hops[rpc]["envoy_and_network"] = pct([s.client_s[rpc] - s.hops_s[rpc] for s in both])
-            hops[rpc]["request_leg"] = pct([s.request_leg_s[rpc] for s in both if rpc in s.request_leg_s])
-            hops[rpc]["response_leg"] = pct([s.response_leg_s[rpc] for s in both if rpc in s.response_leg_s])
+            hops[rpc]["gateway_observed"] = percentiles([s.client_s[rpc] for s in both])
+            hops[rpc]["envoy_and_network"] = percentiles([s.client_s[rpc] - s.hops_s[rpc] for s in both])
+            hops[rpc]["request_leg"] = percentiles(
+                [s.request_leg_s[rpc] for s in both if rpc in s.request_leg_s]
+            )
+            hops[rpc]["response_leg"] = percentiles(
+                [s.response_leg_s[rpc] for s in both if rpc in s.response_leg_s]
+            )
     report["hops"] = hops
     if mesh:
         full = [s for s in timed if s.gateway_s is not None and all(r in s.client_s for r in s.rpcs)]
         report["spans_complete"] = len(full)
         report["split"] = {
-            "client_to_gateway": pct([s.e2e_s - s.gateway_s for s in full]),  # type: ignore[operator]
-            "gateway_internal": pct([s.gateway_s - critical(s.client_s) for s in full]),  # type: ignore[operator]
-            "hop_transport": pct([critical(s.client_s) - critical(s.hops_s) for s in full]),
+            "client_to_gateway": percentiles([s.e2e_s - s.gateway_s for s in full]),  # type: ignore[operator]
+            "gateway_internal": percentiles([s.gateway_s - critical(s.client_s) for s in full]),  # type: ignore[operator]
+            "hop_transport": percentiles([critical(s.client_s) - critical(s.hops_s) for s in full]),
             # the gateway's internal time, where it goes
-            "gateway_before_first_hop": pct([s.before_hops_s for s in full]),  # type: ignore[misc]
-            "gateway_after_last_hop": pct([s.after_hops_s for s in full]),  # type: ignore[misc]
+            "gateway_before_first_hop": percentiles([s.before_hops_s for s in full]),  # type: ignore[misc]
+            "gateway_after_last_hop": percentiles([s.after_hops_s for s in full]),  # type: ignore[misc]
         }
     return report
 

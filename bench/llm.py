@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import host, log, verdicts, write_json
+from bench.common import host, keep_in_flight, log, verdicts, write_json
 
 CONCURRENCY = (1, 4, 16, 32)
 MAX_TOKENS = 64
@@ -85,16 +85,8 @@ def summarise(name: str, concurrency: int, done: Sequence[Request], wall_s: floa
 
 async def run_cell(name: str, concurrency: int, count: int, one: Callable[[int], Awaitable[Request]]) -> Cell:
     """Keep `concurrency` requests in flight until `count` have finished."""
-    queue = iter(range(count))
-    done: list[Request] = []
-
-    async def worker() -> None:
-        for index in queue:
-            done.append(await one(index))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    cell = summarise(name, concurrency, done, time.perf_counter() - started)
+    done, wall_s = await keep_in_flight(concurrency, range(count), one)
+    cell = summarise(name, concurrency, done, wall_s)
     log(f"{name:<10} c={concurrency:<3} {cell.tokens_per_s:7.1f} tok/s  TTFT p50 {cell.ttft_p50_ms:.0f} ms")
     return cell
 

@@ -63,17 +63,21 @@ ANSWERS = Counter(
 )
 
 
+OPTIONS = ("top_k", "max_tokens", "temperature", "seed", "metadata_filter")
+USER_ID = re.compile(r"[\x20-\x7e]*")
+
+
 @dataclasses.dataclass(frozen=True)
 class Question:
     """One request for advice, with every option resolved (see `resolve`)."""
 
     text: str
-    user_id: str = ""
-    top_k: int = 4
-    max_tokens: int = 200
-    temperature: float = 0.0
-    seed: int | None = None
-    metadata_filter: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    user_id: str
+    top_k: int
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    metadata_filter: Mapping[str, str]
 
 
 def resolve(
@@ -117,10 +121,6 @@ def resolve(
         seed=seed,
         metadata_filter=dict(metadata_filter or {}),
     )
-
-
-OPTIONS = ("top_k", "max_tokens", "temperature", "seed", "metadata_filter")
-USER_ID = re.compile(r"[\x20-\x7e]*")
 
 
 def check_user_id(user_id: str, field: str) -> None:
@@ -169,10 +169,10 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 class _Run:
     """One request's progress: its deadline, the hops made, versions used, degraded modes."""
 
-    def __init__(self, tiers: Tiers, question: Question, deadline: float, response_id: str = "") -> None:
+    def __init__(self, tiers: Tiers, deadline: float, *, user_id: str, response_id: str = "") -> None:
         self.tiers = tiers
-        self.question = question
         self.deadline = deadline
+        self.user_id = user_id
         self.started = time.perf_counter()
         self.advice = gateway_pb2.Advice(response_id=response_id or new_response_id())
 
@@ -200,7 +200,7 @@ class _Run:
         timeout = self._timeout(tier, cap)
         timing, started = self._start(tier, rpc)
         try:
-            reply = await self.tiers.call(tier, rpc, request, timeout=timeout, user_id=self.question.user_id)
+            reply = await self.tiers.call(tier, rpc, request, timeout=timeout, user_id=self.user_id)
         except grpc.RpcError as error:
             self._record(timing, started, error.code())
             raise
@@ -214,7 +214,7 @@ class _Run:
         try:
             # aclosing: a consumer that stops (client gone) closes the tier's stream at once
             async with contextlib.aclosing(
-                self.tiers.stream(tier, rpc, request, timeout=timeout, user_id=self.question.user_id)
+                self.tiers.stream(tier, rpc, request, timeout=timeout, user_id=self.user_id)
             ) as replies:
                 async for reply in replies:
                     yield reply
@@ -319,7 +319,7 @@ class Advisor:
         self, texts: list[str], *, user_id: str, deadline: float
     ) -> tuple[embedder_pb2.EmbedBatchResponse, int]:
         """Embeddings for external apps (the OpenAI-compatible route): (response, arm)."""
-        run = _Run(self.tiers, Question("-", user_id=user_id), deadline)
+        run = _Run(self.tiers, deadline, user_id=user_id)
         try:
             reply = await run.call(
                 gateway_pb2.TIER_EMBEDDER,
@@ -336,7 +336,7 @@ class Advisor:
     async def _flow(
         self, question: Question, deadline: float, *, streaming: bool, response_id: str = ""
     ) -> AsyncGenerator[str | gateway_pb2.Advice]:
-        run = _Run(self.tiers, question, deadline, response_id)
+        run = _Run(self.tiers, deadline, user_id=question.user_id, response_id=response_id)
         span = trace.get_current_span()
         run.advice.trace_id = format(span.get_span_context().trace_id, "032x") if span.is_recording() else ""
         cached = await self._cached(question, run)
@@ -348,7 +348,7 @@ class Advisor:
 
         run.used(gateway_pb2.TIER_GATEWAY, self.template.model, gateway_pb2.ARM_UNSPECIFIED)
         intent, entities, vector = await asyncio.gather(
-            self._intent(run), self._entities(run), self._embedding(run)
+            self._intent(run, question), self._entities(run, question), self._embedding(run, question)
         )
         out_of_scope = intent == OUT_OF_SCOPE
         if out_of_scope:
@@ -357,14 +357,14 @@ class Advisor:
             if streaming:
                 yield run.advice.text
         else:
-            passages = await self._passages(run, vector, intent)
+            passages = await self._passages(run, question, vector, intent)
             messages = self.template.messages(question.text, passages, entities)
             if streaming:
-                async with contextlib.aclosing(self._generate_stream(run, messages)) as deltas:
+                async with contextlib.aclosing(self._generate_stream(run, question, messages)) as deltas:
                     async for delta in deltas:
                         yield delta
             else:
-                await self._generate(run, messages)
+                await self._generate(run, question, messages)
         await self._check_bias(run)
         advice = run.advice
         advice.total_duration.CopyFrom(_duration(time.perf_counter() - run.started))
@@ -417,12 +417,12 @@ class Advisor:
         except (grpc.RpcError, DeadlineExceeded) as error:
             return None, run.degrade(mode, tier, error)
 
-    async def _intent(self, run: _Run) -> str:
+    async def _intent(self, run: _Run, question: Question) -> str:
         async def classify() -> str:
             reply = await run.call(
                 gateway_pb2.TIER_CLASSIFIERS,
                 "ClassifyIntent",
-                classifiers_pb2.ClassifyIntentRequest(text=run.question.text),
+                classifiers_pb2.ClassifyIntentRequest(text=question.text),
                 self.config.classify_timeout_s,
             )
             intent = reply.message.intent
@@ -443,12 +443,12 @@ class Advisor:
         )
         return label or ""
 
-    async def _entities(self, run: _Run) -> list[classifiers_pb2.Entity]:
+    async def _entities(self, run: _Run, question: Question) -> list[classifiers_pb2.Entity]:
         async def extract() -> list[classifiers_pb2.Entity]:
             reply = await run.call(
                 gateway_pb2.TIER_CLASSIFIERS,
                 "ExtractEntities",
-                classifiers_pb2.ExtractEntitiesRequest(text=run.question.text),
+                classifiers_pb2.ExtractEntitiesRequest(text=question.text),
                 self.config.classify_timeout_s,
             )
             run.advice.entities.extend(reply.message.entities)
@@ -460,13 +460,13 @@ class Advisor:
         )
         return entities or []
 
-    async def _embedding(self, run: _Run) -> list[float] | BaseException:
+    async def _embedding(self, run: _Run, question: Question) -> list[float] | BaseException:
         """The query vector, or the error that stopped it (decided on after out-of-scope)."""
         try:
             reply = await run.call(
                 gateway_pb2.TIER_EMBEDDER,
                 "Embed",
-                embedder_pb2.EmbedRequest(text=run.question.text),
+                embedder_pb2.EmbedRequest(text=question.text),
                 self.config.embed_timeout_s,
             )
         except (grpc.RpcError, DeadlineExceeded) as error:
@@ -475,21 +475,21 @@ class Advisor:
         return list(reply.message.embedding.values)
 
     async def _passages(
-        self, run: _Run, vector: list[float] | BaseException, intent: str
+        self, run: _Run, question: Question, vector: list[float] | BaseException, intent: str
     ) -> list[retriever_pb2.Passage]:
         tier = gateway_pb2.TIER_EMBEDDER
         try:
             if isinstance(vector, BaseException):
                 raise vector
             tier = gateway_pb2.TIER_RETRIEVER
-            candidates = run.question.top_k * self.template.candidates_per_passage
+            candidates = question.top_k * self.template.candidates_per_passage
             reply = await run.call(
                 tier,
                 "Search",
                 retriever_pb2.SearchRequest(
                     vector=retriever_pb2.QueryVector(values=vector),
                     k=candidates,
-                    metadata_filter=run.question.metadata_filter,
+                    metadata_filter=question.metadata_filter,
                 ),
                 self.config.search_timeout_s,
             )
@@ -501,17 +501,15 @@ class Advisor:
             run.degrade(gateway_pb2.DEGRADED_MODE_SOURCES_SKIPPED, tier, error)
             return []
         run.used(tier, reply.message.model, reply.arm)
-        passages = self.template.rank(reply.message.passages, intent, run.question.top_k)
+        passages = self.template.rank(reply.message.passages, intent, question.top_k)
         for passage in passages:
             run.advice.sources.add(
                 doc_id=passage.doc_id, title=passage.title, section=passage.section, score=passage.score
             )
         return passages
 
-    async def _generate(self, run: _Run, messages: list[tuple[str, str]]) -> None:
-        request = llm_pb2.GenerateRequest(
-            chat=_chat(messages), sampling=_sampling(run.question, self.template)
-        )
+    async def _generate(self, run: _Run, question: Question, messages: list[tuple[str, str]]) -> None:
+        request = llm_pb2.GenerateRequest(chat=_chat(messages), sampling=_sampling(question, self.template))
         try:
             # Generation may use whatever time the request has left.
             reply = await run.call(gateway_pb2.TIER_LLM, "Generate", request, self.config.request_timeout_s)
@@ -521,9 +519,11 @@ class Advisor:
         run.used(gateway_pb2.TIER_LLM, reply.message.model, reply.arm)
         run.advice.usage.CopyFrom(reply.message.usage)
 
-    async def _generate_stream(self, run: _Run, messages: list[tuple[str, str]]) -> AsyncIterator[str]:
+    async def _generate_stream(
+        self, run: _Run, question: Question, messages: list[tuple[str, str]]
+    ) -> AsyncIterator[str]:
         request = llm_pb2.GenerateStreamRequest(
-            chat=_chat(messages), sampling=_sampling(run.question, self.template)
+            chat=_chat(messages), sampling=_sampling(question, self.template)
         )
         text: list[str] = []
         last: Reply | None = None

@@ -21,9 +21,9 @@ from tiermesh.embedder.v1 import embedder_pb2_grpc
 from tiermesh.gateway.v1 import gateway_pb2
 from tiermesh.llm.v1 import llm_pb2_grpc
 from tiermesh.retriever.v1 import retriever_pb2_grpc
+from tiermesh.runner import TIER_HEADER  # health checks through Envoy name the tier they mean
 
 USER_HEADER = "x-tiermesh-user"
-TIER_HEADER = "x-tiermesh-tier"  # health checks through Envoy name the tier they mean
 ARM_HEADER = "x-tiermesh-arm"
 ARMS = {"control": gateway_pb2.ARM_CONTROL, "treatment": gateway_pb2.ARM_TREATMENT}
 
@@ -99,9 +99,8 @@ class RemoteTiers:
         # the span covers establishing the stream (its first message), like the interceptor's
         with telemetry.client_call(f"{SERVICES[tier]}/{rpc}", self._metadata(user_id)) as metadata:
             call = getattr(self._stubs[tier], rpc)(request, timeout=timeout, metadata=metadata)
-            await call.initial_metadata()
-        try:
             arm = arm_of(await call.initial_metadata())
+        try:
             async for message in call:
                 yield Reply(message, arm)
         finally:
@@ -124,7 +123,3 @@ class RemoteTiers:
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
-
-
-def is_rpc_error(error: BaseException) -> bool:
-    return isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None))

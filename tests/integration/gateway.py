@@ -2,12 +2,21 @@
 
 import contextlib
 
+import httpx
 import redis.asyncio as aioredis
 
 from services.gateway.config import GatewayConfig
 from services.gateway.keys import KeyStore
 from services.gateway.servicer import GatewayTier
 from tiermesh.testing import serving_in_process, tier_config
+
+TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+
+
+def rest_client(status: dict, secret: str = "", timeout: httpx.Timeout = TIMEOUT) -> httpx.Client:
+    """A client of the mesh's REST API through Envoy, with the API key `secret` (none: anonymous)."""
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    return httpx.Client(base_url=f"http://{status['envoy']['http']}", headers=headers, timeout=timeout)
 
 
 @contextlib.asynccontextmanager

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from services.gateway import prompt
-from tests.integration.gateway import local_gateway
+from tests.integration.gateway import local_gateway, rest_client
 from tiermesh.classifiers.v1 import classifiers_pb2, classifiers_pb2_grpc
 from tiermesh.contract import REPO_ROOT
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
@@ -47,7 +47,6 @@ HOPS = {
     ("bias", "ScoreText"),
 }
 SECRET = re.compile(r"\btm_(k_[0-9a-f]{10})_[A-Za-z0-9_-]{43}")
-TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 
 
 def error_of(response: httpx.Response) -> dict:
@@ -107,17 +106,13 @@ def secret(store_url):
 @pytest.fixture(scope="module")
 def api(status, secret):
     """An httpx client on Envoy's REST listener, with the key."""
-    with httpx.Client(
-        base_url=f"http://{status['envoy']['http']}",
-        headers={"Authorization": f"Bearer {secret}"},
-        timeout=TIMEOUT,
-    ) as client:
+    with rest_client(status, secret) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def anonymous(status):
-    with httpx.Client(base_url=f"http://{status['envoy']['http']}", timeout=TIMEOUT) as client:
+    with rest_client(status) as client:
         yield client
 
 

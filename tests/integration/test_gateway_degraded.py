@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.gateway import local_gateway
+from tests.integration.gateway import local_gateway, rest_client
 from tiermesh.runner import grpc_health, stop_process
 from tiermesh.testing import run_cli, running_mesh
 
@@ -49,11 +49,7 @@ def api(status):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     secret = SECRET.search(result.stdout).group(0)
-    with httpx.Client(
-        base_url=f"http://{status['envoy']['http']}",
-        headers={"Authorization": f"Bearer {secret}"},
-        timeout=TIMEOUT,
-    ) as client:
+    with rest_client(status, secret, TIMEOUT) as client:
         yield client
 
 
