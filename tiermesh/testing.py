@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,29 +18,45 @@ from tiermesh.registry import ModelVersion, Registry, models_root
 from tiermesh.runner import TIERS, Mesh, TierSpec, grpc_health, read_settings, replicas
 from tiermesh.server import ServerConfig, Tier, TierServer
 
+# Ports handed out by this process: never twice, so the ports of one mesh are all distinct.
+_HANDED_OUT: set[int] = set()
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+
+def _listen_range() -> tuple[int, int]:
+    """Ports to pick from: below the kernel's ephemeral range, where the client sockets of every
+    running process get theirs (a port picked from that range can be taken by any outgoing
+    connection before the tier binds it)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return (10_000, low - 1) if low > 12_000 else (low, 65_535)
 
 
 def free_ports(count: int) -> int:
-    """The first of `count` consecutive TCP ports that were free on 127.0.0.1 a moment ago."""
-    for _ in range(100):
-        base = free_port()
-        if base + count > 65535:
+    """The first of `count` consecutive TCP ports, free on 127.0.0.1 a moment ago, outside the
+    ephemeral range and never handed out before by this process."""
+    low, high = _listen_range()
+    for _ in range(1000):
+        base = random.randint(low, high - count + 1)
+        ports = range(base, base + count)
+        if _HANDED_OUT.intersection(ports):
             continue
         try:
             with contextlib.ExitStack() as stack:
-                for port in range(base, base + count):
+                for port in ports:
                     probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
                     probe.bind(("127.0.0.1", port))
-            return base
         except OSError:
             continue
-    raise RuntimeError(f"no {count} consecutive free ports found")
+        _HANDED_OUT.update(ports)
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports found in {low}-{high}")
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (see `free_ports`)."""
+    return free_ports(1)
 
 
 def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:

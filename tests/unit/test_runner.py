@@ -40,3 +40,14 @@ def test_render_routes_each_tier_by_its_proto_package():
 def test_render_requires_every_tier_port():
     with pytest.raises(RunnerError, match="EMBEDDER_GRPC_PORT"):
         render_envoy({"ENVOY_GRPC_PORT": "1", "ENVOY_ADMIN_PORT": "2"})
+
+
+def test_free_ports_are_distinct_and_outside_the_ephemeral_range():
+    from tiermesh.testing import _listen_range, free_port, free_ports
+
+    picked = [free_port() for _ in range(200)] + [
+        free_ports(4) + offset for _ in range(20) for offset in range(4)
+    ]
+    low, high = _listen_range()
+    assert len(set(picked)) == len(picked)  # two tiers of one mesh never get the same port
+    assert all(low <= port <= high for port in picked)
