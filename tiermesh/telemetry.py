@@ -43,6 +43,12 @@ class TelemetryConfig:
     )
     traces_exporter: str = setting("TRACES_EXPORTER", "auto", help="where spans go", choices=EXPORTERS)
     traces_file: Path | None = setting("TRACES_FILE", None, help="JSON-lines span file for the file exporter")
+    arm: str = setting(
+        "ARM",
+        "control",
+        help="the A/B arm this process serves (the runner sets it)",
+        choices=("control", "treatment"),
+    )
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -83,7 +89,7 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
 
 def configure(service: str, config: TelemetryConfig) -> TracerProvider:
     """Install the global tracer provider for this process and return it."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider = TracerProvider(resource=Resource.create({"service.name": service, "tiermesh.arm": config.arm}))
     choice = config.traces_exporter
     if choice == "auto":
         if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):

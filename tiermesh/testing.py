@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tiermesh.registry import ModelVersion, Registry, models_root
-from tiermesh.runner import TIERS, Mesh, TierSpec, grpc_health, read_settings, replicas
+from tiermesh.runner import ARMS, TIERS, Mesh, TierSpec, grpc_health, read_settings, replicas
 from tiermesh.server import ServerConfig, Tier, TierServer
 
 # Ports handed out by this process: never twice, so the ports of one mesh are all distinct.
@@ -71,17 +71,21 @@ def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
         "ENVOY_GRPC_PORT": str(free_port()),
         "ENVOY_ADMIN_PORT": str(free_port()),
         "ENVOY_HTTP_PORT": str(free_port()),
+        "ENVOY_METRICS_PORT": str(free_port()),
         "STORE_PORT": str(free_port()),
+        "OTLP_SINK_PORT": str(free_port()),
         "HF_HUB_OFFLINE": "1",
     }
     environ.pop("REDIS_URL", None)
     environ.update(overrides)
     for tier in TIERS:
-        count = replicas({**read_settings(environ), **environ}, tier)
-        environ.setdefault(f"{tier.prefix}REPLICAS", str(count))
-        for kind in ("GRPC", "METRICS", "HTTP") if tier.rest else ("GRPC", "METRICS"):
-            if f"{tier.prefix}{kind}_PORT" not in overrides:
-                environ[f"{tier.prefix}{kind}_PORT"] = str(free_ports(count))
+        for arm in ARMS:
+            prefix = tier.prefix if arm == "control" else f"{tier.prefix}TREATMENT_"
+            count = replicas({**read_settings(environ), **environ}, tier, arm)
+            environ.setdefault(f"{prefix}REPLICAS", str(count))
+            for kind in ("GRPC", "METRICS", "HTTP") if tier.rest else ("GRPC", "METRICS"):
+                if f"{prefix}{kind}_PORT" not in overrides:
+                    environ[f"{prefix}{kind}_PORT"] = str(free_ports(count))
     return environ
 
 

@@ -26,7 +26,7 @@ from prometheus_client import Counter, Histogram
 
 from services.gateway.config import GatewayConfig
 from services.gateway.prompt import Template
-from services.gateway.tiers import Reply, Tiers
+from services.gateway.tiers import ARMS, Reply, Tiers, arm_of_error
 from tiermesh import metrics
 from tiermesh.bias.v1 import bias_pb2
 from tiermesh.classifiers.v1 import classifiers_pb2
@@ -51,8 +51,8 @@ ROLES = {"system": llm_pb2.ROLE_SYSTEM, "user": llm_pb2.ROLE_USER, "assistant": 
 
 HOP_SECONDS = Histogram(
     "tiermesh_gateway_hop_seconds",
-    "Time of each downstream call the gateway made, Envoy included",
-    ["tier", "rpc", "code"],
+    "Time of each downstream call the gateway made, Envoy included, by the A/B arm that served it",
+    ["tier", "arm", "rpc", "code"],
     buckets=metrics.LATENCY_BUCKETS,
 )
 DEGRADED = Counter(
@@ -187,9 +187,10 @@ class _Run:
         return self.advice.timings.add(tier=tier, rpc=rpc), time.perf_counter()
 
     @staticmethod
-    def _record(timing: gateway_pb2.HopTiming, started: float, code: grpc.StatusCode) -> None:
+    def _record(timing: gateway_pb2.HopTiming, started: float, code: grpc.StatusCode, arm: int) -> None:
         seconds = time.perf_counter() - started
-        HOP_SECONDS.labels(HOPS[timing.tier], timing.rpc, code.name).observe(seconds)
+        arm_name = gateway_pb2.Arm.Name(arm).removeprefix("ARM_").lower()
+        HOP_SECONDS.labels(HOPS[timing.tier], arm_name, timing.rpc, code.name).observe(seconds)
         timing.duration.CopyFrom(_duration(seconds))
         timing.status_code = code.name
 
@@ -202,30 +203,31 @@ class _Run:
         try:
             reply = await self.tiers.call(tier, rpc, request, timeout=timeout, user_id=self.user_id)
         except grpc.RpcError as error:
-            self._record(timing, started, error.code())
+            self._record(timing, started, error.code(), arm_of_error(error))
             raise
-        self._record(timing, started, grpc.StatusCode.OK)
+        self._record(timing, started, grpc.StatusCode.OK, reply.arm)
         return reply
 
     async def stream(self, tier: int, rpc: str, request: Any, cap: float) -> AsyncIterator[Reply]:
         timeout = self._timeout(tier, cap)
         timing, started = self._start(tier, rpc)
-        code = grpc.StatusCode.OK
+        code, arm = grpc.StatusCode.OK, gateway_pb2.ARM_UNSPECIFIED
         try:
             # aclosing: a consumer that stops (client gone) closes the tier's stream at once
             async with contextlib.aclosing(
                 self.tiers.stream(tier, rpc, request, timeout=timeout, user_id=self.user_id)
             ) as replies:
                 async for reply in replies:
+                    arm = reply.arm
                     yield reply
         except grpc.RpcError as error:
-            code = error.code()
+            code, arm = error.code(), arm_of_error(error)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self._record(timing, started, code)
+            self._record(timing, started, code, arm)
 
     def degrade(self, mode: int, tier: int, error: BaseException) -> str:
         reason = _reason(tier, error)
@@ -346,7 +348,12 @@ class Advisor:
             yield cached
             return
 
-        run.used(gateway_pb2.TIER_GATEWAY, self.template.model, gateway_pb2.ARM_UNSPECIFIED)
+        # the arm of this gateway process itself (its prompt template is what a gateway A/B varies)
+        run.used(
+            gateway_pb2.TIER_GATEWAY,
+            self.template.model,
+            ARMS.get(metrics.arm(), gateway_pb2.ARM_UNSPECIFIED),
+        )
         intent, entities, vector = await asyncio.gather(
             self._intent(run, question), self._entities(run, question), self._embedding(run, question)
         )

@@ -62,6 +62,18 @@ class Tiers(Protocol):
     async def close(self) -> None: ...
 
 
+def arm_of_error(error: grpc.RpcError) -> int:
+    """The arm that refused a call: Envoy's header comes back with the error's metadata, if the
+    call reached a deployment at all."""
+    for read in ("initial_metadata", "trailing_metadata"):
+        metadata = getattr(error, read, None)
+        if callable(metadata):
+            arm = arm_of(metadata() or ())
+            if arm != gateway_pb2.ARM_UNSPECIFIED:
+                return arm
+    return gateway_pb2.ARM_UNSPECIFIED
+
+
 def arm_of(metadata: Any) -> int:
     for key, value in metadata or ():
         if key == ARM_HEADER:

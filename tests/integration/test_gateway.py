@@ -165,7 +165,7 @@ def test_the_question_is_answered_from_its_document(
     assert {v["tier"] for v in versions} == TIERS
     for version in versions:
         assert version["version"] and version["digest"].startswith("sha256:"), version
-        assert version["arm"] == ("unspecified" if version["tier"] == "gateway" else "control"), version
+        assert version["arm"] == "control", version
     served = {(v["model"], v["version"], v["digest"]) for v in versions}
     for model in (
         embedding_model,
@@ -616,18 +616,20 @@ def test_personal_data_in_questions_never_reaches_the_gateway_log(api, status):
         assert raw not in log  # ... without the personal data
 
 
-def test_tiermesh_trace_draws_one_answers_path_through_every_tier(api, mesh):
+def test_tiermesh_trace_draws_one_answers_path_through_every_tier_and_envoy_hop(api, mesh):
     response = advise(api, QUESTION)
     assert response.status_code == 200, response.text
     trace_id = response.json()["trace_id"]
-    for _ in range(20):  # the gateway's REST span ends just after the response is sent
+    for _ in range(50):  # the REST spans end just after the response is sent; Envoy's are batched
         shown = run_cli(mesh[0].environ, "trace", trace_id)
-        if "POST /v1/advice (server)" in shown.stdout:
+        if "envoy gateway REST (server)" in shown.stdout and "POST /v1/advice (server)" in shown.stdout:
             break
-        time.sleep(0.1)
+        time.sleep(0.2)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    assert lines[1].split()[4] == "tiermesh-gateway" and lines[1].endswith("POST /v1/advice (server)")
+    # Envoy's REST listener starts the trace; the gateway's REST span continues it
+    assert lines[1].split()[4] == "envoy" and lines[1].endswith("envoy gateway REST (server)")
+    assert lines[2].split()[4] == "tiermesh-gateway" and lines[2].endswith("POST /v1/advice (server)")
     for service, rpc in (
         ("classifiers", "ClassifiersService/ClassifyIntent"),
         ("embedder", "EmbedderService/Embed"),
@@ -635,8 +637,50 @@ def test_tiermesh_trace_draws_one_answers_path_through_every_tier(api, mesh):
         ("llm", "LlmService/Generate"),
         ("bias", "BiasService/ScoreText"),
     ):
-        # the gateway's call, and under it the tier's own span
+        # the gateway's call, under it Envoy's hop, under that the tier's own span
         client = next(i for i, line in enumerate(lines) if line.endswith(f"{rpc} (client)"))
-        assert f"tiermesh-{service}" in lines[client + 1] and lines[client + 1].endswith(f"{rpc} (server)")
+        assert lines[client + 1].split()[4] == "envoy" and lines[client + 1].endswith(
+            f"envoy {service} (server)"
+        )
+        assert f"tiermesh-{service}" in lines[client + 2] and lines[client + 2].endswith(f"{rpc} (server)")
     missing = run_cli(mesh[0].environ, "trace", "0" * 32)
     assert missing.returncode == 1 and "no spans of trace" in missing.stderr
+
+
+# -- A/B arms (the mesh runs an A/A treatment of bias and of the gateway) --------------------------
+
+
+def test_the_answer_reports_the_arm_of_every_tier_that_served_it(api, mesh):
+    env = mesh[0].environ
+    assert run_cli(env, "traffic", "set", "bias", "treatment=100").returncode == 0
+    try:
+        advice = advise(api, QUESTION, user_id="arm-check").json()
+    finally:
+        assert run_cli(env, "traffic", "set", "bias", "treatment=0").returncode == 0
+    arms = {version["tier"]: version["arm"] for version in advice["versions"]}
+    assert arms["bias"] == "treatment" and arms["llm"] == arms["embedder"] == "control", arms
+    assert advice["bias"]["status"] == "checked"
+
+
+def test_a_gateway_shift_leaves_a_stream_in_flight_on_its_arm(mesh, channel):
+    env = mesh[0].environ
+    stub = gateway_pb2_grpc.AdvisorServiceStub(channel)
+    request = gateway_pb2.AdviseStreamRequest(
+        question=QUESTION, user_id="streamer", options=gateway_pb2.AdviseOptions(max_tokens=48)
+    )
+    stream = stub.AdviseStream(request, timeout=120)
+    assert dict(stream.initial_metadata())["x-tiermesh-arm"] == "control"
+    first = next(stream)
+    shifted = run_cli(env, "traffic", "set", "gateway", "treatment=100")
+    try:
+        assert shifted.returncode == 0, shifted.stderr
+        rest = list(stream)  # the stream goes on, on the arm it started on, to its final answer
+        assert stream.code() == grpc.StatusCode.OK
+        assert rest and rest[-1].WhichOneof("event") == "advice", (first, rest[-1])
+        _, call = stub.Advise.with_call(
+            gateway_pb2.AdviseRequest(question=QUESTION, user_id="streamer", options=request.options),
+            timeout=120,
+        )
+        assert dict(call.initial_metadata())["x-tiermesh-arm"] == "treatment"  # new calls: the new split
+    finally:
+        assert run_cli(env, "traffic", "set", "gateway", "treatment=0").returncode == 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 import urllib.request
 
 import grpc
@@ -32,10 +33,14 @@ def stub(envoy):
 def test_status_reports_every_component_healthy(mesh):
     running, status = mesh
     tiers = {"embedder", "retriever", "retriever-2", "llm", "classifiers", "bias", "gateway"}
-    assert set(status) == {"store", "envoy", *tiers}
+    # A/A treatments of two cheap tiers, for the A/B tests (no users until a test moves some)
+    tiers |= {"bias-treatment", "gateway-treatment"}
+    assert set(status) == {"store", "envoy", "otlp-sink", *tiers}
     assert status["store"]["health"] == "SERVING" and status["store"]["url"].startswith("redis://127.0.0.1:")
     assert status["envoy"]["health"] == "LIVE" and status["envoy"]["admin"].startswith("127.0.0.1:")
     assert status["embedder"]["health"] == status["retriever-2"]["health"] == "SERVING"
+    assert status["bias-treatment"]["arm"] == "treatment" and status["bias"]["arm"] == "control"
+    assert status["otlp-sink"]["health"] == "SERVING"
     assert status["gateway"]["health"] == "SERVING" and status["gateway"]["http"].startswith("127.0.0.1:")
     assert status["envoy"]["http"].startswith("127.0.0.1:")  # the REST listener
     cli = run_cli(running.environ, "status", "--json")
@@ -99,7 +104,7 @@ def test_metrics_endpoint_counts_calls(stub, mesh, embedding_model):
     with urllib.request.urlopen(f"http://{status['embedder']['metrics']}/metrics", timeout=5) as response:
         body = response.read().decode()
     assert (
-        f'tiermesh_rpc_requests_total{{code="OK",method="/{SERVICE}/Embed",model_version="{embedding_model.version}",tier="embedder"}}'
+        f'tiermesh_rpc_requests_total{{arm="control",code="OK",method="/{SERVICE}/Embed",model_version="{embedding_model.version}",tier="embedder"}}'
         in body
     )
     assert 'tiermesh_model_info{digest="sha256:' in body
@@ -111,10 +116,18 @@ def test_one_trace_from_client_through_envoy_to_the_tier(stub, mesh):
     traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
     stub.Embed(embedder_pb2.EmbedRequest(text="trace me"), metadata=[("traceparent", traceparent)], timeout=5)
     spans_file = running.run_dir / "traces.jsonl"
-    spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
-    ours = [s for s in spans if s["trace_id"] == trace_id]
-    assert [s["name"] for s in ours] == [f"{SERVICE}/Embed"]
-    assert ours[0]["parent_span_id"] == "00f067aa0ba902b7" and ours[0]["service"] == "tiermesh-embedder"
+    for _ in range(50):  # Envoy's spans reach the file through the OTLP sink, batched
+        ours = [s for s in map(json.loads, spans_file.read_text().splitlines()) if s["trace_id"] == trace_id]
+        if len(ours) == 2:
+            break
+        time.sleep(0.2)
+    envoy, tier = sorted(ours, key=lambda span: span["start_ns"])
+    # the caller's span → Envoy's hop → the tier's own span, one trace
+    assert envoy["service"] == "envoy" and envoy["name"] == "envoy embedder" and envoy["kind"] == "SERVER"
+    assert envoy["parent_span_id"] == "00f067aa0ba902b7"
+    assert envoy["attributes"]["upstream_cluster"] == "embedder"
+    assert tier["name"] == f"{SERVICE}/Embed" and tier["service"] == "tiermesh-embedder"
+    assert tier["parent_span_id"] == envoy["span_id"]
 
 
 def test_logs_are_json_lines(mesh, embedding_model):

