@@ -244,9 +244,22 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str, alive: C
         if check():
             return
         if not alive():
-            raise RunnerError(f"{what}: the process exited during start-up")
+            raise RunnerError(f"{what}: the process exited during start-up{_log_tail(what)}")
         time.sleep(0.2)
     raise RunnerError(f"{what}: not ready after {timeout:.0f}s")
+
+
+_LOGS: dict[str, Path] = {}  # component → its log, for start-up failures
+
+
+def _log_tail(what: str, lines: int = 8) -> str:
+    """The end of a component's log, so a failed start says why."""
+    path = _LOGS.get(what.split(" ", 1)[0])
+    try:
+        tail = path.read_text(errors="replace").splitlines()[-lines:] if path else []
+    except OSError:
+        return ""
+    return "".join(f"\n  | {line[:300]}" for line in tail)
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -323,6 +336,7 @@ class Mesh:
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str], marker: str) -> dict[str, Any]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
+        _LOGS[name] = log_path
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 argv,

@@ -107,7 +107,11 @@ def configure(service: str, config: TelemetryConfig) -> TracerProvider:
             from tiermesh.config import ConfigError
 
             raise ConfigError("TIERMESH_TRACES_FILE: required when TIERMESH_TRACES_EXPORTER=file")
-        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(config.traces_file)))
+        # Batched: one file append per ~0.2 s instead of per span (per-span writes cost cheap RPCs
+        # ~0.15 ms of CPU each, measured by bench/traffic.py); flushed at exit.
+        provider.add_span_processor(
+            BatchSpanProcessor(JsonLinesSpanExporter(config.traces_file), schedule_delay_millis=200)
+        )
     elif choice == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)

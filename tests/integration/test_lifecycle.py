@@ -106,6 +106,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(
             "classifiers": "SERVING",
             "bias": "SERVING",
             "gateway": "SERVING",
+            "otlp-sink": "SERVING",  # Envoy's spans into the trace file
             "envoy": "LIVE",
         }
         again = run_cli(env, "up")
@@ -113,7 +114,17 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(
     finally:
         down = run_cli(env, "down")
     assert down.returncode == 0, down.stderr
-    for name in ("embedder", "retriever", "llm", "classifiers", "bias", "gateway", "envoy", "store"):
+    for name in (
+        "embedder",
+        "retriever",
+        "llm",
+        "classifiers",
+        "bias",
+        "gateway",
+        "envoy",
+        "otlp-sink",
+        "store",
+    ):
         assert f"{name}: stopped" in down.stdout
     for name, entry in report.items():
         assert not _running(entry["pid"]), f"{name} still runs after down"
