@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tiermesh.abstats import histogram_quantile, subtract_cumulative
-from tiermesh.runner import TIERS
+from tiermesh.runner import tier_named
 from tiermesh.traffic import EnvoyAdmin, Split
 
 Buckets = tuple[tuple[float, float], ...]  # (upper bound, cumulative count), the last bound inf
@@ -101,16 +101,9 @@ def _add(buckets: Iterable[Buckets]) -> Buckets:
     return tuple(sorted(total.items()))
 
 
-def package_of(tier: str) -> str:
-    for spec in TIERS:
-        if spec.name == tier:
-            return spec.package
-    raise ValueError(f"unknown tier {tier!r}")
-
-
 def envoy_counts(admin: EnvoyAdmin, split: Split) -> dict[str, ArmCounts]:
     """Per arm: calls of the tier's own service (health checks and reflection left out)."""
-    package = re.escape(package_of(split.tier))
+    package = re.escape(tier_named(split.tier).package)
     clusters = "|".join(re.escape(c) for c in split.clusters.values())
     stats = admin.stats(rf"^cluster\.({clusters})\.grpc\.{package}\.")
     counts = {}
@@ -140,7 +133,7 @@ def tier_latency(metrics_addresses: Iterable[str], tier: str, arm: str, *, timeo
     """The tier's server-side latency histogram of one arm, summed over its replicas' /metrics
     (replicas that do not answer are left out)."""
     histograms = []
-    own_methods = f"/{package_of(tier)}."
+    own_methods = f"/{tier_named(tier).package}."
     for address in metrics_addresses:
         try:
             with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as response:

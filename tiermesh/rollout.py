@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from tiermesh.armstats import ArmCounts, snapshot, window
 from tiermesh.traffic import EnvoyAdmin, TrafficError, checked_percent, set_treatment, split_of
@@ -82,12 +81,12 @@ def rollout(
     hold_s: float,
     guard: Guard,
     *,
-    deployments: dict[str, Any] | None = None,
     interval_s: float = 1.0,
     log: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Outcome:
-    """Move `tier`'s treatment through `steps`; roll back to 0% on a guard breach."""
+    """Move `tier`'s treatment through `steps`; roll back to 0% on a guard breach. The guard reads
+    Envoy's figures only, so the tiers' /metrics are not scraped every interval."""
     split = split_of(admin, tier)  # refuses unknown tiers and tiers without a treatment
     start_share = split.percent("treatment")
     log(
@@ -100,11 +99,11 @@ def rollout(
         set_treatment(admin, tier, step)
         log(f"{tier}: treatment {start_share:g}% -> {step:g}%")
         start_share = step
-        began = snapshot(admin, split, deployments)
+        began = snapshot(admin, split)
         deadline = time.monotonic() + hold_s
         while True:
             sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
-            current = window(snapshot(admin, split, deployments), began)
+            current = window(snapshot(admin, split), began)
             control, treatment = current["control"], current["treatment"]
             if control.requests >= guard.min_requests:
                 reference = control

@@ -85,7 +85,7 @@ ARMS = ("control", "treatment")
 _RUNNER_OWNED = ("_GRPC_PORT", "_METRICS_PORT", "_HTTP_PORT", "_REPLICAS", "TIERMESH_ARM", "TIERMESH_HOME")
 
 
-def _arm_prefix(tier: TierSpec, arm: str) -> str:
+def arm_prefix(tier: TierSpec, arm: str) -> str:
     """Where a deployment's ports and replica count are set: `LLM_...` or `LLM_TREATMENT_...`."""
     if arm not in ARMS:
         raise RunnerError(f"unknown arm {arm!r} (expected control or treatment)")
@@ -124,10 +124,18 @@ def cluster_name(tier: TierSpec, arm: str = "control") -> str:
     return tier.name if arm == "control" else f"{tier.name}_{arm}"
 
 
+def tier_named(name: str) -> TierSpec:
+    """The tier called `name`; RunnerError listing the tiers if there is none."""
+    for tier in TIERS:
+        if tier.name == name:
+            return tier
+    raise RunnerError(f"unknown tier {name!r} (tiers: {', '.join(t.name for t in TIERS)})")
+
+
 def replicas(settings: Mapping[str, str], tier: TierSpec, arm: str = "control") -> int:
     """How many processes serve one arm of `tier` (`<TIER>_REPLICAS`, `<TIER>_TREATMENT_REPLICAS`;
     default 1)."""
-    key = f"{_arm_prefix(tier, arm)}REPLICAS"
+    key = f"{arm_prefix(tier, arm)}REPLICAS"
     raw = settings.get(key, "1")
     try:
         count = int(raw)
@@ -142,7 +150,7 @@ def replica_ports(
     settings: Mapping[str, str], tier: TierSpec, kind: str = "GRPC", arm: str = "control"
 ) -> list[int]:
     """Replica i listens on `<TIER>_<KIND>_PORT` + i (the treatment's: `<TIER>_TREATMENT_<KIND>_PORT` + i)."""
-    key = f"{_arm_prefix(tier, arm)}{kind}_PORT"
+    key = f"{arm_prefix(tier, arm)}{kind}_PORT"
     if not settings.get(key):
         raise RunnerError(f"{key}: required to run the {tier.name} tier's {arm}")
     return [int(settings[key]) + i for i in range(replicas(settings, tier, arm))]
@@ -237,26 +245,24 @@ def store_ping(url: str) -> str:
         return "DOWN"
 
 
-def wait_until(check: Callable[[], bool], *, timeout: float, what: str, alive: Callable[[], bool]) -> None:
-    """Poll `check` until true; fail early if the process behind it died."""
+def wait_until(
+    check: Callable[[], bool], *, timeout: float, what: str, alive: Callable[[], bool], log: str = ""
+) -> None:
+    """Poll `check` until true; fail early if the process behind it died (quoting its `log`'s end)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         if not alive():
-            raise RunnerError(f"{what}: the process exited during start-up{_log_tail(what)}")
+            raise RunnerError(f"{what}: the process exited during start-up{_log_tail(log)}")
         time.sleep(0.2)
     raise RunnerError(f"{what}: not ready after {timeout:.0f}s")
 
 
-_LOGS: dict[str, Path] = {}  # component → its log, for start-up failures
-
-
-def _log_tail(what: str, lines: int = 8) -> str:
+def _log_tail(log: str, lines: int = 8) -> str:
     """The end of a component's log, so a failed start says why."""
-    path = _LOGS.get(what.split(" ", 1)[0])
     try:
-        tail = path.read_text(errors="replace").splitlines()[-lines:] if path else []
+        tail = Path(log).read_text(errors="replace").splitlines()[-lines:] if log else []
     except OSError:
         return ""
     return "".join(f"\n  | {line[:300]}" for line in tail)
@@ -336,7 +342,6 @@ class Mesh:
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str], marker: str) -> dict[str, Any]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        _LOGS[name] = log_path
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 argv,
@@ -368,6 +373,16 @@ class Mesh:
     def _up(self, tiers: tuple[TierSpec, ...], progress: Callable[[str], None]) -> dict[str, Any]:
         s = self.settings
         state: dict[str, Any] = {}
+
+        def process(name: str) -> dict[str, Any]:
+            """wait_until's view of a started component: whether it runs, and its log."""
+            component = state[name]
+
+            def alive() -> bool:
+                return _pid_alive(component["pid"], component["marker"])
+
+            return {"alive": alive, "log": component.get("log", "")}
+
         if self.environ.get("REDIS_URL"):
             state["store"] = {"url": self.environ["REDIS_URL"], "external": True}
             progress(f"store: using REDIS_URL {self.environ['REDIS_URL']}")
@@ -391,7 +406,7 @@ class Mesh:
         envoy_address = f"127.0.0.1:{s['ENVOY_GRPC_PORT']}"
         for tier in tiers:
             for arm in arms(s, tier):
-                overrides = treatment_overrides(s, tier) if arm == "treatment" else {}
+                overrides = (treatment_overrides(s, tier) or {}) if arm == "treatment" else {}
                 ports = {
                     kind: replica_ports(s, tier, kind, arm)
                     for kind in (("GRPC", "METRICS", "HTTP") if tier.rest else ("GRPC", "METRICS"))
@@ -408,14 +423,14 @@ class Mesh:
                             for other in TIERS
                             if other != tier
                         },
-                        **(overrides or {}),
+                        **overrides,
                         **{f"{tier.prefix}{kind}_PORT": str(p[index]) for kind, p in ports.items()},
                         "TIERMESH_ARM": arm,
                         "TIERMESH_REPLICA": name,
                     }
                     argv = [sys.executable, "-m", tier.module]
                     if arm != "control" and index == 0:
-                        differs = " ".join(f"{k}={v}" for k, v in (overrides or {}).items())
+                        differs = " ".join(f"{k}={v}" for k, v in overrides.items())
                         progress(f"{tier.name} {arm}: {differs or 'the control settings (an A/A test)'}")
                     state[name] = {
                         **self._spawn(name, argv, env, tier.module),
@@ -440,7 +455,7 @@ class Mesh:
                 lambda: grpc_health(state["otlp-sink"]["grpc"]) == "SERVING",
                 timeout=15,
                 what="otlp-sink",
-                alive=lambda: _pid_alive(state["otlp-sink"]["pid"], state["otlp-sink"]["marker"]),
+                **process("otlp-sink"),
             )
             progress(f"otlp-sink: Envoy's spans go to {base_env['TIERMESH_TRACES_FILE']}")
         else:
@@ -481,18 +496,15 @@ class Mesh:
             state["envoy"]["http"] = f"127.0.0.1:{s['ENVOY_HTTP_PORT']}"
         self._save(state)
 
-        def alive(name: str) -> Callable[[], bool]:
-            return lambda: _pid_alive(state[name]["pid"], state[name]["marker"])
-
         if not state["store"].get("external"):
             wait_until(
-                lambda: store_ping(store_url) == "SERVING", timeout=15, what="store", alive=alive("store")
+                lambda: store_ping(store_url) == "SERVING", timeout=15, what="store", **process("store")
             )
         wait_until(
             lambda: envoy_ready(state["envoy"]["admin"]) == "LIVE",
             timeout=30,
             what="envoy",
-            alive=alive("envoy"),
+            **process("envoy"),
         )
         progress(f"envoy: listening on {state['envoy']['grpc']} (admin {state['envoy']['admin']})")
         for tier in tiers:
@@ -504,7 +516,7 @@ class Mesh:
                         lambda c=component, t=tier: grpc_health(c["grpc"], t.service) == "SERVING",
                         timeout=tier.load_timeout_s,
                         what=name,
-                        alive=alive(name),
+                        **process(name),
                     )
                     progress(
                         f"{name}: SERVING at {component['grpc']} (metrics http://{component['metrics']}/metrics)"
@@ -515,14 +527,14 @@ class Mesh:
                     ),
                     timeout=15,
                     what=f"{cluster_name(tier, arm)} through envoy",
-                    alive=alive("envoy"),
+                    **process("envoy"),
                 )
             if tier.rest:
                 wait_until(
                     lambda: http_status(f"http://{state['envoy']['http']}/healthz") == 200,
                     timeout=15,
                     what=f"{tier.name} REST API through envoy",
-                    alive=alive("envoy"),
+                    **process("envoy"),
                 )
                 progress(f"{tier.name}: REST API at http://{state['envoy']['http']} (docs at /docs)")
         return self.status()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tiermesh.registry import ModelVersion, Registry, models_root
-from tiermesh.runner import ARMS, TIERS, Mesh, TierSpec, grpc_health, read_settings, replicas
+from tiermesh.runner import ARMS, TIERS, Mesh, TierSpec, arm_prefix, grpc_health, read_settings, replicas
 from tiermesh.server import ServerConfig, Tier, TierServer
 
 # Ports handed out by this process: never twice, so the ports of one mesh are all distinct.
@@ -80,7 +80,7 @@ def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
     environ.update(overrides)
     for tier in TIERS:
         for arm in ARMS:
-            prefix = tier.prefix if arm == "control" else f"{tier.prefix}TREATMENT_"
+            prefix = arm_prefix(tier, arm)
             count = replicas({**read_settings(environ), **environ}, tier, arm)
             environ.setdefault(f"{prefix}REPLICAS", str(count))
             for kind in ("GRPC", "METRICS", "HTTP") if tier.rest else ("GRPC", "METRICS"):

@@ -88,11 +88,15 @@ class Split:
     clusters: dict[str, str]  # arm -> cluster
     weights: dict[str, int]  # arm -> weight
     source: str  # "runtime" (set live) or "config" (the rendered config's)
-    runtime_keys: tuple[str, ...]  # every runtime key of the tier's weights (gRPC and REST routes)
+    runtime_keys: dict[str, str]  # every runtime key of the tier's weights (gRPC and REST) → its arm
 
     def percent(self, arm: str) -> float:
         total = sum(self.weights.values())
         return 100.0 * self.weights.get(arm, 0) / total if total else 0.0
+
+    def shares(self) -> dict[str, Any]:
+        """Each arm's percentage and where the weights come from, for JSON."""
+        return {arm: self.percent(arm) for arm in self.clusters} | {"source": self.source}
 
     @property
     def has_treatment(self) -> bool:
@@ -126,44 +130,42 @@ def _arm_of(cluster: Mapping[str, Any]) -> str:
 
 
 def splits(admin: EnvoyAdmin) -> dict[str, Split]:
-    """Every tier's split as Envoy has it: the routes in its config, weights from its runtime."""
+    """Every tier's split as Envoy has it: the routes in its config, weights from its runtime.
+    A tier's REST route (the gateway's) shares its gRPC route's runtime prefix, so its keys are
+    gathered with them and move together."""
     runtime = admin.runtime()
     found: dict[str, Split] = {}
     for weighted in _weighted_routes(admin.config_dump()):
         clusters = {_arm_of(c): c["name"] for c in weighted.get("clusters", [])}
         prefix = weighted.get("runtime_key_prefix", "")
+        # a one-cluster route (no treatment) has no runtime keys: its control names the tier
         tier = prefix.removeprefix(RUNTIME_PREFIX + ".") if prefix else clusters.get("control", "")
         tier = tier.removesuffix("_rest")
-        if not tier or (tier in found and not prefix):
+        if not tier:
             continue
-        keys = tuple(f"{prefix}.{c['name']}" for c in weighted.get("clusters", [])) if prefix else ()
+        keys = {f"{prefix}.{name}": arm for arm, name in clusters.items()} if prefix else {}
         weights, source = {}, "config"
         for cluster in weighted.get("clusters", []):
             key = f"{prefix}.{cluster['name']}"
-            if prefix and key in runtime and runtime[key].isdigit():
+            if key in keys and runtime.get(key, "").isdigit():
                 weights[_arm_of(cluster)], source = int(runtime[key]), "runtime"
             else:
                 weights[_arm_of(cluster)] = int(cluster.get("weight", 0))
-        if tier in found:  # the same tier's REST route: its keys move with the gRPC route's
-            keys = tuple(dict.fromkeys(found[tier].runtime_keys + keys))
-            found[tier] = dataclasses.replace(found[tier], runtime_keys=keys)
+        if tier in found:  # the config dump repeats routes, and the gateway has a REST route too
+            found[tier] = dataclasses.replace(found[tier], runtime_keys={**found[tier].runtime_keys, **keys})
             continue
         found[tier] = Split(tier, clusters, weights, source, keys)
     return found
 
 
-def known_tiers() -> list[str]:
-    return [tier.name for tier in TIERS]
-
-
-def split_of(admin: EnvoyAdmin, tier: str, *, need_treatment: bool = True) -> Split:
-    """One tier's split; refuses unknown tiers and, when asked, tiers without a treatment."""
+def split_of(admin: EnvoyAdmin, tier: str) -> Split:
+    """One tier's split; refuses unknown tiers and tiers without a treatment."""
     current = splits(admin)
     if tier not in current:
-        names = ", ".join(sorted(current)) or ", ".join(known_tiers())
+        names = ", ".join(sorted(current)) or ", ".join(tier.name for tier in TIERS)
         raise TrafficError(f"unknown tier {tier!r} (tiers in Envoy: {names})")
     split = current[tier]
-    if need_treatment and not split.has_treatment:
+    if not split.has_treatment:
         raise TrafficError(
             f"{tier} has no treatment deployment: set {tier.upper()}_TREATMENT (the settings it differs in, "
             "or 'same') in .env and start the mesh again (tiermesh down && tiermesh up)"
@@ -200,12 +202,7 @@ def set_treatment(admin: EnvoyAdmin, tier: str, percent: float) -> tuple[Split, 
     treatment = round(percent * WEIGHT_SCALE / 100)
     weights = {"control": WEIGHT_SCALE - treatment, "treatment": treatment}
     started = time.perf_counter()
-    values = {}
-    for key in before.runtime_keys:
-        cluster = key.rsplit(".", 1)[1]
-        arm = "treatment" if cluster.removesuffix("_rest").endswith("_treatment") else "control"
-        values[key] = str(weights[arm])
-    admin.modify_runtime(values)
+    admin.modify_runtime({key: str(weights[arm]) for key, arm in before.runtime_keys.items()})
     after = split_of(admin, tier)
     elapsed = time.perf_counter() - started
     if after.weights != weights:

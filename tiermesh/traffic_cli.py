@@ -45,17 +45,9 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     if args.traffic_command == "show":
         current = splits(admin)
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        t: {a: s.percent(a) for a in s.clusters} | {"source": s.source}
-                        for t, s in current.items()
-                    }
-                )
-            )
-        for split in current.values():
-            if not args.json:
-                print(split.describe())
+            print(json.dumps({tier: split.shares() for tier, split in current.items()}))
+        else:
+            print("\n".join(split.describe() for split in current.values()))
         return 0
     percent = parse_assignment(args.weight)
     before, after, elapsed = set_treatment(admin, args.tier, percent)
@@ -108,7 +100,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     from tiermesh.rollout import Guard, parse_duration, parse_steps, rollout
-    from tiermesh.runner import Mesh
 
     steps, hold = parse_steps(args.steps), parse_duration(args.hold)
     guard = Guard(args.max_error_ratio, args.max_p95_ratio, args.min_requests)
@@ -117,16 +108,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
     try:
-        outcome = rollout(
-            _admin(),
-            args.tier,
-            steps,
-            hold,
-            guard,
-            deployments=Mesh().state(),
-            interval_s=args.interval,
-            log=log,
-        )
+        outcome = rollout(_admin(), args.tier, steps, hold, guard, interval_s=args.interval, log=log)
     except KeyboardInterrupt:
         from tiermesh.traffic import split_of
 

@@ -12,17 +12,14 @@ from __future__ import annotations
 import os
 import sys
 
-from tiermesh.runner import TIERS, RunnerError, treatment_overrides
+from tiermesh.runner import RunnerError, tier_named, treatment_overrides
 
 
 def main() -> int:
-    name = os.environ.get("TIERMESH_TIER", "")
-    tier = next((t for t in TIERS if t.name == name), None)
-    if tier is None:
-        print(
-            f"TIERMESH_TIER: expected one of {', '.join(t.name for t in TIERS)}, got {name!r}",
-            file=sys.stderr,
-        )
+    try:
+        tier = tier_named(os.environ.get("TIERMESH_TIER", ""))
+    except RunnerError as error:
+        print(f"TIERMESH_TIER: {error}", file=sys.stderr)
         return 2
     try:
         overrides = treatment_overrides(os.environ, tier)
