@@ -28,7 +28,7 @@ def spans() -> InMemorySpanExporter:
 def embedding_model():
     """The published embedding model (exported once by set-up; exported here if missing)."""
     from services.embedder.export import prepare
-    from tiermesh.registry import Registry
+    from tiermesh.kit.registry import Registry
 
     return prepare(Registry())
 
@@ -37,7 +37,7 @@ def embedding_model():
 def knowledge_index(embedding_model):
     """The shipped knowledge base's index, live in the registry (built by set-up; built here if missing)."""
     from services.retriever.manage import prepare
-    from tiermesh.registry import Registry
+    from tiermesh.kit.registry import Registry
 
     return prepare(Registry())
 
@@ -46,7 +46,7 @@ def knowledge_index(embedding_model):
 def language_model(embedding_model):
     """The converted default language model (converted by set-up; converted here if missing)."""
     from services.llm.convert import prepare
-    from tiermesh.registry import Registry
+    from tiermesh.kit.registry import Registry
 
     return prepare(Registry())
 
@@ -56,7 +56,7 @@ def classifier_models(embedding_model):
     """The four classifier models by kind, live in the registry (trained by set-up; here if missing)."""
     from services.classifiers import training
     from services.classifiers.config import MODELS
-    from tiermesh.registry import Registry
+    from tiermesh.kit.registry import Registry
 
     return dict(zip(MODELS, training.prepare(Registry()), strict=True))
 
@@ -65,7 +65,7 @@ def classifier_models(embedding_model):
 def bias_text_model():
     """The published bias-text rules (built by set-up; built here if missing)."""
     from services.bias import text
-    from tiermesh.registry import Registry
+    from tiermesh.kit.registry import Registry
 
     return text.prepare(Registry())
 
@@ -73,7 +73,7 @@ def bias_text_model():
 @pytest.fixture(scope="session")
 def store_url():
     """A valkey-server of the session's own on a free port."""
-    from tiermesh.testing import running_store
+    from tiermesh.control.testing import running_store
 
     with running_store() as url:
         yield url

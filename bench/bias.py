@@ -34,7 +34,7 @@ from bench.common import host, log, timed, verdicts, write_json
 from services.bias import fairness, text
 from tiermesh.bias.v1 import bias_pb2 as pb
 from tiermesh.bias.v1 import bias_pb2_grpc
-from tiermesh.registry import Registry
+from tiermesh.kit.registry import Registry
 
 DEFAULT_OUT = Path("bench/results/bias.json")
 TARGET_TEXT_P99_MS = 20.0
@@ -214,7 +214,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tiermesh.testing import only, running_mesh
+    from tiermesh.control.testing import running_mesh
+    from tiermesh.kit.topology import only
 
     args = parse_args(argv)
     duration = 0.3 if args.quick else args.duration

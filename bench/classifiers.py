@@ -40,7 +40,7 @@ from services.classifiers import anomaly, credit, intent, ner
 from services.classifiers.config import MODELS
 from tiermesh.classifiers.v1 import classifiers_pb2 as pb
 from tiermesh.classifiers.v1 import classifiers_pb2_grpc
-from tiermesh.registry import ModelVersion, Registry
+from tiermesh.kit.registry import ModelVersion, Registry
 
 DEFAULT_OUT = Path("bench/results/classifiers.json")
 TARGET_INTENT_P99_MS = 10.0
@@ -175,7 +175,7 @@ def onnx_vs_torch(registry: Registry, version: ModelVersion, work: Workload, dur
     from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer
 
-    from services.embedder.engine import TORCH_DIR
+    from tiermesh.kit.minilm import TORCH_DIR
 
     torch.set_num_threads(1)  # as the served ONNX path (CLASSIFIERS_THREADS=1)
     parameters = version.metadata["parameters"]
@@ -276,7 +276,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from services.classifiers import training
-    from tiermesh.testing import only, running_mesh
+    from tiermesh.control.testing import running_mesh
+    from tiermesh.kit.topology import only
 
     args = parse_args(argv)
     duration = 1.0 if args.quick else args.duration

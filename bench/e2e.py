@@ -64,7 +64,7 @@ import numpy as np
 
 from bench.common import host, keep_in_flight, log, percentiles, summary, verdicts, write_json
 from services.gateway.tiers import Reply
-from tiermesh.errors import RpcError
+from tiermesh.kit.errors import RpcError
 
 logger = logging.getLogger("bench.e2e")
 
@@ -258,7 +258,7 @@ async def start_local() -> dict[int, Any]:
     from services.retriever.config import RetrieverConfig
     from services.retriever.servicer import RetrieverTier
     from tiermesh.gateway.v1 import gateway_pb2 as gw
-    from tiermesh.testing import tier_config
+    from tiermesh.kit.testing import tier_config
 
     built = (
         (gw.TIER_EMBEDDER, lambda: EmbedderTier(tier_config(EmbedderConfig, cache_url=""))),
@@ -313,7 +313,7 @@ async def in_process_phase(candidates: Sequence[str], plan: Plan) -> tuple[list[
     from services.gateway.config import GatewayConfig
     from services.gateway.flow import Advisor, resolve
     from tiermesh.gateway.v1 import gateway_pb2 as gw
-    from tiermesh.testing import tier_config
+    from tiermesh.kit.testing import tier_config
 
     config = tier_config(GatewayConfig)
     saved = {name: os.environ.get(name) for name in ENGINE_ENV}
@@ -500,7 +500,7 @@ async def grpc_calibration(status: Mapping[str, Any], count: int) -> dict[str, A
 async def mesh_phase(questions: Sequence[str], plan: Plan) -> tuple[list[Level], dict[str, Any]]:
     import httpx
 
-    from tiermesh.testing import running_mesh
+    from tiermesh.control.testing import running_mesh
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as folder:
         home = Path(folder)

@@ -385,8 +385,8 @@ def envoy_address(target: str | None) -> Iterator[str]:
     if target:
         yield target
         return
-    from tiermesh.runner import TIERS
-    from tiermesh.testing import running_mesh
+    from tiermesh.control.testing import running_mesh
+    from tiermesh.kit.topology import TIERS
 
     home = Path(tempfile.mkdtemp(prefix="tiermesh-bench-"))
     log(f"mesh: starting a private mesh under {home} (embedding cache off); loading takes a while")

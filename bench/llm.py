@@ -108,9 +108,9 @@ def record(request: Request, sent: float, last: float, now: float, tokens: int) 
 async def mesh_cells(questions: Sequence[str], plan: argparse.Namespace) -> list[Cell]:
     import grpc
 
+    from tiermesh.control.testing import running_mesh
+    from tiermesh.kit.topology import TIERS
     from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
-    from tiermesh.runner import TIERS
-    from tiermesh.testing import running_mesh
 
     llm_only = tuple(tier for tier in TIERS if tier.name == "llm")
     with tempfile.TemporaryDirectory() as home, running_mesh(Path(home), tiers=llm_only) as (_mesh, status):
@@ -266,7 +266,7 @@ def targets(cells: Sequence[Cell], sequential: Cell) -> list[dict[str, Any]]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from services.llm.config import MODEL_NAME
     from services.retriever.corpus import DEFAULT_QUESTIONS
-    from tiermesh.registry import Registry
+    from tiermesh.kit.registry import Registry
 
     model = Registry().get(MODEL_NAME)
     questions = [

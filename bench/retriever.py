@@ -91,9 +91,9 @@ from services.retriever import manage, synthetic
 from services.retriever.config import INDEX_NAME
 from services.retriever.corpus import Passage
 from services.retriever.index import build_faiss, default_nlist, write_artifact
-from tiermesh.registry import ModelVersion, Registry
+from tiermesh.kit.registry import ModelVersion, Registry
+from tiermesh.kit.testing import scratch_registry
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
-from tiermesh.testing import scratch_registry
 
 EMBEDDER = "all-minilm-l6-v2"
 FULL_COUNT = 1_000_000
@@ -806,7 +806,8 @@ async def swap_under_load(
 def run_swap(
     vectors: np.ndarray, queries: np.ndarray, embedder: ModelVersion, plan: Plan, keep: bool
 ) -> dict[str, Any]:
-    from tiermesh.testing import only, running_mesh
+    from tiermesh.control.testing import running_mesh
+    from tiermesh.kit.topology import only
 
     work = Path(tempfile.mkdtemp(prefix="tiermesh-bench-retriever-"))
     log(f"part B: scratch registry and mesh home under {work}")

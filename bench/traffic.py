@@ -83,11 +83,11 @@ import httpx
 
 from bench.common import host, keep_in_flight, log, percentiles, verdicts, write_json
 from tiermesh.bias.v1 import bias_pb2, bias_pb2_grpc
-from tiermesh.traffic import ARM_HEADER, EnvoyAdmin, set_treatment
+from tiermesh.control.traffic import EnvoyAdmin, set_treatment
+from tiermesh.kit.topology import ARM_HEADER, USER_HEADER
 
 DEFAULT_OUT = Path("bench/results/traffic.json")
 TIER = "bias"
-USER_HEADER = "x-tiermesh-user"
 TEXT = "Consider a low-cost index fund and keep an emergency fund of three months of expenses."
 EMBED_INPUT = "emergency fund"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -591,7 +591,8 @@ def traces_file(status: Mapping[str, Any], home: Path) -> Path:
 
 
 async def measure(plan: Plan) -> dict[str, Any]:
-    from tiermesh.testing import only, running_mesh
+    from tiermesh.control.testing import running_mesh
+    from tiermesh.kit.topology import only
 
     with tempfile.TemporaryDirectory(prefix="bench-traffic-") as home:
         log("starting a private mesh: embedder, bias (A/A treatment), gateway (API keys off)")

@@ -2,7 +2,7 @@
 
 from services.bias.config import BiasConfig
 from services.bias.servicer import BiasTier
-from tiermesh.server import run
+from tiermesh.kit.server import run
 
 if __name__ == "__main__":
     run("bias", BiasConfig, BiasTier)

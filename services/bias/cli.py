@@ -80,9 +80,8 @@ def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
     import grpc
 
     from tiermesh.bias.v1 import bias_pb2_grpc
-    from tiermesh.runner import envoy_address
 
-    with grpc.insecure_channel(args.target or envoy_address()) as channel:
+    with grpc.insecure_channel(args.target or args.mesh.envoy()) as channel:
         stub = bias_pb2_grpc.BiasServiceStub(channel)
         try:
             return getattr(stub, method)(request, timeout=args.timeout)
@@ -212,8 +211,8 @@ def _print_report(report: Any) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from services.bias import text
-    from tiermesh import hotswap, runner
-    from tiermesh.registry import Registry
+    from tiermesh.kit import hotswap
+    from tiermesh.kit.registry import Registry
 
     registry = Registry()
     version = text.build(registry, threshold=args.threshold, changelog=args.changelog)
@@ -222,7 +221,7 @@ def run_build(args: argparse.Namespace) -> int:
           f"{flag['precision']:.3f}, recall {flag['recall']:.3f} on the labelled evaluation set")  # fmt: skip
     if args.publish:
         version = registry.set_latest(version.name, version.version)
-        hotswap.announce_latest(runner.store_url(), version, print)
+        hotswap.announce_latest(args.mesh.store(), version, print)
     else:
         print(f"not live yet: tiermesh models publish {version.name} {version.version}")
     return 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tiermesh.config import setting
-from tiermesh.hotswap import FollowingConfig
+from tiermesh.kit.config import FollowingConfig, setting
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,14 +21,14 @@ from services.bias import PROTECTED_CLASSES as CLASSES
 from services.bias import counterfactual, fairness, monitor, text
 from services.bias.config import BiasConfig
 from services.bias.fairness import METRICS
-from tiermesh import telemetry
 from tiermesh.bias.v1 import bias_pb2, bias_pb2_grpc
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.errors import FailedPrecondition, InvalidArgument, Unavailable, check_text, from_downstream
-from tiermesh.hotswap import Follower, ModelSlot, raise_if_cancelled
+from tiermesh.kit import telemetry
+from tiermesh.kit.errors import FailedPrecondition, InvalidArgument, Unavailable, check_text, from_downstream
+from tiermesh.kit.hotswap import Follower, ModelSlot, raise_if_cancelled
+from tiermesh.kit.registry import LATEST, ModelVersion, Registry, file_sha256
 from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
-from tiermesh.registry import LATEST, ModelVersion, Registry, file_sha256
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,7 +83,7 @@ class BiasTier(bias_pb2_grpc.BiasServiceServicer):
         self._channels: list[grpc.aio.Channel] = []
         self._refresher: asyncio.Task[None] | None = None
 
-    # -- what is served (tiermesh.server.Tier) ---------------------------------------------------
+    # -- what is served (tiermesh.kit.server.Tier) ---------------------------------------------------
 
     @property
     def model(self) -> common_pb2.ModelInfo:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from services.bias import PROTECTED_CLASSES
-from tiermesh.registry import ModelVersion, Registry, RegistryError
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError
 
 NAME = "bias-text"
 DATA = Path(__file__).parent / "data" / "text"

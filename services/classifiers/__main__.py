@@ -2,7 +2,7 @@
 
 from services.classifiers.config import ClassifiersConfig
 from services.classifiers.servicer import ClassifiersTier
-from tiermesh.server import run
+from tiermesh.kit.server import run
 
 if __name__ == "__main__":
     run("classifiers", ClassifiersConfig, ClassifiersTier)

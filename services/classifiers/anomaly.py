@@ -21,7 +21,7 @@ import numpy as np
 
 from services.classifiers import holdout, synthetic
 from services.classifiers.config import ANOMALY
-from tiermesh.registry import ModelVersion, Registry, RegistryError
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError
 
 FOREST_FILE = "forest.npz"
 HOLDOUT_FILE = "holdout.csv"

@@ -41,8 +41,8 @@ def add_commands(sub: Any) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from services.classifiers import training
-    from tiermesh import hotswap, runner
-    from tiermesh.registry import Registry
+    from tiermesh.kit import hotswap
+    from tiermesh.kit.registry import Registry
 
     registry = Registry()
     options: dict[str, Any] = {"changelog": args.changelog}
@@ -56,7 +56,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if args.publish:
         version = registry.set_latest(version.name, version.version)
-        hotswap.announce_latest(runner.store_url(), version, print)
+        hotswap.announce_latest(args.mesh.store(), version, print)
     else:
         print(f"not live yet: tiermesh models publish {version.name} {version.version}")
     return 0
@@ -69,9 +69,8 @@ def run_classify(args: argparse.Namespace) -> int:
 
     from tiermesh.classifiers.v1 import classifiers_pb2 as pb
     from tiermesh.classifiers.v1 import classifiers_pb2_grpc
-    from tiermesh.runner import envoy_address
 
-    target = args.target or envoy_address()
+    target = args.target or args.mesh.envoy()
     with grpc.insecure_channel(target) as channel:
         stub = classifiers_pb2_grpc.ClassifiersServiceStub(channel)
         try:

@@ -17,7 +17,7 @@ import numpy as np
 
 from services.classifiers import holdout, synthetic
 from services.classifiers.config import CREDIT
-from tiermesh.registry import ModelVersion, Registry, RegistryError
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError
 
 FEATURES = synthetic.CREDIT_FEATURES
 MODEL_FILE = "model.json"

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from services.classifiers.config import INTENT
-from services.embedder.config import served_model
-from services.embedder.engine import OnnxEngine
-from tiermesh.registry import ModelVersion, Registry, RegistryError
+from tiermesh.kit.minilm import OnnxEngine, served_model
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError
 
 LABELS = (
     "loan_affordability",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from services.classifiers.config import NER
-from tiermesh.registry import ModelVersion, Registry, RegistryError
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError
 
 DATA = Path(__file__).parent / "data" / "ner"
 GAZETTEERS = "gazetteers.json"

@@ -18,9 +18,9 @@ from services.classifiers.intent import IntentModel
 from services.classifiers.ner import EntityModel
 from tiermesh.classifiers.v1 import classifiers_pb2, classifiers_pb2_grpc
 from tiermesh.common.v1 import common_pb2
-from tiermesh.errors import InvalidArgument, check_text
-from tiermesh.hotswap import Follower, ModelSlot
-from tiermesh.registry import LATEST, ModelVersion, Registry
+from tiermesh.kit.errors import InvalidArgument, check_text
+from tiermesh.kit.hotswap import Follower, ModelSlot
+from tiermesh.kit.registry import LATEST, ModelVersion, Registry
 
 T = TypeVar("T")
 # Which model answers which RPC (for metrics, spans and the `model_version` check).
@@ -70,7 +70,7 @@ class ClassifiersTier(classifiers_pb2_grpc.ClassifiersServiceServicer):
         self.followers: list[Follower] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(config.workers, thread_name_prefix="classify")
 
-    # -- what is served (tiermesh.server.Tier) ---------------------------------------------------
+    # -- what is served (tiermesh.kit.server.Tier) ---------------------------------------------------
 
     @property
     def models(self) -> list[common_pb2.ModelInfo]:

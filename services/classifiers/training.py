@@ -8,7 +8,7 @@ from typing import Any
 
 from services.classifiers import anomaly, credit, intent, ner
 from services.classifiers.config import MODELS
-from tiermesh.registry import ModelVersion, Registry
+from tiermesh.kit.registry import ModelVersion, Registry
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from services.embedder.config import EmbedderConfig
 from services.embedder.servicer import EmbedderTier
-from tiermesh.server import run
+from tiermesh.kit.server import run
 
 if __name__ == "__main__":
     run("embedder", EmbedderConfig, EmbedderTier)

@@ -16,7 +16,7 @@ import numpy as np
 import redis.asyncio as redis
 from prometheus_client import Counter
 
-from services.embedder.engine import Embedded
+from tiermesh.kit.minilm import Embedded
 
 logger = logging.getLogger(__name__)
 

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
-from tiermesh.config import setting
-from tiermesh.registry import ModelVersion, Registry
-from tiermesh.server import ServerConfig
-
-MODEL_NAME = "all-minilm-l6-v2"
+from tiermesh.kit.config import ServerConfig, setting
+from tiermesh.kit.minilm import MODEL_NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +47,3 @@ class EmbedderConfig(ServerConfig):
     cache_ttl_s: int = setting(
         "CACHE_TTL_S", 86_400, help="seconds a cached embedding lives", min=1, max=31_536_000
     )
-
-
-def served_model(registry: Registry) -> ModelVersion:
-    """The model version the embedder tier serves under this environment (for tiers and tools
-    that must use the same vectors, such as the retriever and its index builds)."""
-    model = os.environ.get("EMBEDDER_MODEL") or MODEL_NAME
-    return registry.get(model, os.environ.get("EMBEDDER_MODEL_VERSION") or "latest")

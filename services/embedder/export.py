@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from services.embedder.config import MODEL_NAME
-from services.embedder.engine import ONNX_FILE, TOKENIZER_FILE, TORCH_DIR, OnnxEngine
-from tiermesh.registry import ModelVersion, Registry, RegistryError
+from tiermesh.kit.minilm import MODEL_NAME, ONNX_FILE, TOKENIZER_FILE, TORCH_DIR, OnnxEngine
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,13 @@ import grpc
 
 from services.embedder.cache import EmbeddingCache
 from services.embedder.config import EmbedderConfig
-from services.embedder.engine import Embedded, EmbeddingEngine, load_engine
-from tiermesh.batching import MicroBatcher
+from services.embedder.engine import EmbeddingEngine, load_engine
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.errors import InvalidArgument, Unavailable, check_count, check_text
-from tiermesh.registry import Registry
+from tiermesh.kit.batching import MicroBatcher
+from tiermesh.kit.errors import InvalidArgument, Unavailable, check_count, check_text
+from tiermesh.kit.minilm import Embedded
+from tiermesh.kit.registry import Registry
 
 
 class EmbedderTier(embedder_pb2_grpc.EmbedderServiceServicer):
@@ -31,7 +32,7 @@ class EmbedderTier(embedder_pb2_grpc.EmbedderServiceServicer):
         self.cache: EmbeddingCache | None = None
         self.model = common_pb2.ModelInfo()
 
-    # -- lifecycle (tiermesh.server.Tier) --------------------------------------------------------
+    # -- lifecycle (tiermesh.kit.server.Tier) --------------------------------------------------------
 
     def register(self, server: grpc.aio.Server) -> None:
         embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(self, server)

@@ -2,7 +2,7 @@
 
 from services.gateway.config import GatewayConfig
 from services.gateway.servicer import GatewayTier
-from tiermesh.server import run
+from tiermesh.kit.server import run
 
 if __name__ == "__main__":
     run("gateway", GatewayConfig, GatewayTier)

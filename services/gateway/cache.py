@@ -22,7 +22,7 @@ from prometheus_client import Counter
 
 from services.gateway.flow import Question
 from tiermesh.gateway.v1 import gateway_pb2
-from tiermesh.hotswap import CHANNEL_PREFIX, raise_if_cancelled
+from tiermesh.kit.hotswap import CHANNEL_PREFIX, raise_if_cancelled
 
 logger = logging.getLogger(__name__)
 

@@ -33,14 +33,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     import grpc
 
     from tiermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-    from tiermesh.runner import envoy_address
 
     options = gateway_pb2.AdviseOptions()
     for name in ("max_tokens", "top_k", "seed"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     request = {"question": args.question, "user_id": args.user, "options": options}
-    with grpc.insecure_channel(args.target or envoy_address()) as channel:
+    with grpc.insecure_channel(args.target or args.mesh.envoy()) as channel:
         stub = gateway_pb2_grpc.AdvisorServiceStub(channel)
         try:
             if args.stream:

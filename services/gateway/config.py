@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tiermesh.config import setting
-from tiermesh.server import ServerConfig
+from tiermesh.kit.config import ServerConfig, setting
 
 ENVOY = "127.0.0.1:8080"
 

@@ -17,8 +17,8 @@ import time
 import redis.asyncio as aioredis
 
 from services.gateway.flow import Question, check_unicode
-from tiermesh.errors import InvalidArgument
 from tiermesh.gateway.v1 import gateway_pb2
+from tiermesh.kit.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 

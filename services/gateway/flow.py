@@ -27,13 +27,13 @@ from prometheus_client import Counter, Histogram
 from services.gateway.config import GatewayConfig
 from services.gateway.prompt import Template
 from services.gateway.tiers import ARMS, Reply, Tiers, arm_of_error
-from tiermesh import metrics
 from tiermesh.bias.v1 import bias_pb2
 from tiermesh.classifiers.v1 import classifiers_pb2
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2
-from tiermesh.errors import DeadlineExceeded, InvalidArgument, RpcError, Unavailable, check_text
 from tiermesh.gateway.v1 import gateway_pb2
+from tiermesh.kit import metrics
+from tiermesh.kit.errors import DeadlineExceeded, InvalidArgument, RpcError, Unavailable, check_text
 from tiermesh.llm.v1 import llm_pb2
 from tiermesh.retriever.v1 import retriever_pb2
 

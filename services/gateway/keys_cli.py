@@ -80,9 +80,8 @@ def _with_store(args: argparse.Namespace, use: Callable[[Any], Awaitable[T]]) ->
     import redis.asyncio as aioredis
 
     from services.gateway.keys import KeyStore
-    from tiermesh.runner import store_url
 
-    url = args.store_url or store_url()
+    url = args.store_url or args.mesh.store()
     try:
         aioredis.connection.parse_url(url)
     except ValueError as error:

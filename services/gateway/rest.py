@@ -37,8 +37,8 @@ from services.gateway.flow import Advisor, Question, check_unicode, check_user_i
 from services.gateway.keys import ApiKey, KeyStore, RateLimiter
 from services.gateway.tiers import RemoteTiers
 from tiermesh.classifiers.v1 import classifiers_pb2
-from tiermesh.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, RpcError, Unavailable
 from tiermesh.gateway.v1 import gateway_pb2
+from tiermesh.kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, RpcError, Unavailable
 
 logger = logging.getLogger(__name__)
 

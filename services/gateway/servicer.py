@@ -19,8 +19,8 @@ from services.gateway.feedback import FeedbackStore
 from services.gateway.flow import Advisor, Question, resolve
 from services.gateway.tiers import RemoteTiers
 from tiermesh.common.v1 import common_pb2
-from tiermesh.errors import Unavailable
 from tiermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tiermesh.kit.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 

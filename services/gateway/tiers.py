@@ -14,17 +14,15 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tiermesh import telemetry
 from tiermesh.bias.v1 import bias_pb2_grpc
 from tiermesh.classifiers.v1 import classifiers_pb2_grpc
 from tiermesh.embedder.v1 import embedder_pb2_grpc
 from tiermesh.gateway.v1 import gateway_pb2
+from tiermesh.kit import telemetry
+from tiermesh.kit.topology import ARM_HEADER, TIER_HEADER, USER_HEADER
 from tiermesh.llm.v1 import llm_pb2_grpc
 from tiermesh.retriever.v1 import retriever_pb2_grpc
-from tiermesh.runner import TIER_HEADER  # health checks through Envoy name the tier they mean
 
-USER_HEADER = "x-tiermesh-user"
-ARM_HEADER = "x-tiermesh-arm"
 ARMS = {"control": gateway_pb2.ARM_CONTROL, "treatment": gateway_pb2.ARM_TREATMENT}
 
 STUBS: Mapping[int, Any] = {

@@ -2,7 +2,7 @@
 
 from services.llm.config import LlmConfig
 from services.llm.servicer import LlmTier
-from tiermesh.server import run
+from tiermesh.kit.server import run
 
 # The guard matters: vLLM starts its engine core in a spawned process, which imports this module.
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from tiermesh.config import setting
-from tiermesh.server import ServerConfig
+from tiermesh.kit.config import ServerConfig, setting
 
 MODEL_NAME = "smollm2-135m-instruct"
 

@@ -19,7 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from services.llm.config import MODEL_NAME
-from tiermesh.registry import ModelVersion, Registry, RegistryError, file_sha256
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError, file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Literal, Protocol
 
-from tiermesh.registry import ModelVersion
+from tiermesh.kit.registry import ModelVersion
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]

@@ -22,11 +22,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.llm.config import LlmConfig
 from services.llm.engine import Chunk, EngineDead, EngineRejected, LlmEngine, Message, Role, Sampling
-from tiermesh import metrics
 from tiermesh.common.v1 import common_pb2
-from tiermesh.errors import InvalidArgument, Unavailable, check_count, check_text
+from tiermesh.kit import metrics
+from tiermesh.kit.errors import InvalidArgument, Unavailable, check_count, check_text
+from tiermesh.kit.registry import METADATA, ModelVersion, Registry, file_sha256, tree_digest
 from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
-from tiermesh.registry import METADATA, ModelVersion, Registry, file_sha256, tree_digest
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class LlmTier(llm_pb2_grpc.LlmServiceServicer):
         self._watchdog: asyncio.Task[None] | None = None
         self._failed = False
 
-    # -- lifecycle (tiermesh.server.Tier) --------------------------------------------------------
+    # -- lifecycle (tiermesh.kit.server.Tier) --------------------------------------------------------
 
     def register(self, server: grpc.aio.Server) -> None:
         llm_pb2_grpc.add_LlmServiceServicer_to_server(self, server)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.llm.engine import Chunk, EngineDead, EngineRejected, Load, Message, Sampling
-from tiermesh.registry import ModelVersion
+from tiermesh.kit.registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 

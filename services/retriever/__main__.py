@@ -2,7 +2,7 @@
 
 from services.retriever.config import RetrieverConfig
 from services.retriever.servicer import RetrieverTier
-from tiermesh.server import run
+from tiermesh.kit.server import run
 
 if __name__ == "__main__":
     run("retriever", RetrieverConfig, RetrieverTier)

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.retriever import corpus, manage
-from services.retriever.config import INDEX_NAME
-from tiermesh import runner
+from services.retriever import corpus
+from services.retriever.config import INDEX_NAME, RECALL_K, RECALL_THRESHOLD
 
 INDEX_EPILOG = """typical flow:
   tiermesh index build                       embed and index the shipped knowledge base
@@ -49,7 +48,7 @@ def add_commands(sub: Any) -> None:
     validate = actions.add_parser("validate", help="recall@k against exact search on held-out queries")
     validate.add_argument("version", help="version to validate ('latest' works)")
     validate.add_argument("--queries", type=Path, help="JSONL of {'question': ...} or one query per line")
-    validate.add_argument("-k", type=int, default=manage.RECALL_K, help="k of recall@k (default 5)")
+    validate.add_argument("-k", type=int, default=RECALL_K, help="k of recall@k (default 5)")
 
     publish = actions.add_parser("publish", help="make a version live on every replica")
     publish.add_argument("version")
@@ -77,7 +76,8 @@ def add_commands(sub: Any) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from tiermesh.registry import Registry
+    from services.retriever import manage
+    from tiermesh.kit.registry import Registry
 
     registry = Registry()
     try:
@@ -88,6 +88,8 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def _run_index(args: argparse.Namespace, registry: Any) -> int:
+    from services.retriever import manage
+
     command = args.index_command
     if command == "build":
         version = manage.build(
@@ -106,19 +108,19 @@ def _run_index(args: argparse.Namespace, registry: Any) -> int:
         for row in table:
             mark = "  <- default" if row.nprobe == result.nprobe else ""
             print(f"{row.nprobe:>8}  {row.recall:.4f}{mark}")
-        verdict = "ok to publish" if result.recall >= manage.RECALL_THRESHOLD else "below threshold"
+        verdict = "ok to publish" if result.recall >= RECALL_THRESHOLD else "below threshold"
         print(f"recall@{args.k} {result.recall:.4f} on {result.queries} queries: {verdict}")
-        return 0 if result.recall >= manage.RECALL_THRESHOLD else 1
+        return 0 if result.recall >= RECALL_THRESHOLD else 1
     elif command == "publish":
         manage.publish(
             registry,
             args.version,
             name=args.name,
-            store_url=runner.store_url(),
+            store_url=args.mesh.store(),
             allow_low_recall=args.allow_low_recall,
         )
     elif command == "rollback":
-        manage.rollback(registry, name=args.name, store_url=runner.store_url())
+        manage.rollback(registry, name=args.name, store_url=args.mesh.store())
     elif command == "list":
         rows = manage.versions_table(registry, args.name)
         if not rows:
@@ -139,9 +141,8 @@ def run_search(args: argparse.Namespace) -> int:
     import grpc
 
     from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
-    from tiermesh.runner import envoy_address
 
-    target = args.target or envoy_address()
+    target = args.target or args.mesh.envoy()
     filters = dict(item.split("=", 1) for item in args.filter if "=" in item)
     request = retriever_pb2.SearchRequest(text=args.text, metadata_filter=filters)
     if args.k is not None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from tiermesh.config import setting
-from tiermesh.hotswap import FollowingConfig
+from tiermesh.kit.config import FollowingConfig, setting
 
 INDEX_NAME = "loan-kb"
+# An index version is published only when its recall@RECALL_K against exact search reaches this.
+RECALL_K = 5
+RECALL_THRESHOLD = 0.95
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,9 @@ import numpy as np
 from prometheus_client import Gauge, Histogram
 
 from services.retriever.index import Hit, IndexArtifactError, LoadedIndex
-from tiermesh import metrics
-from tiermesh.hotswap import ModelSlot
-from tiermesh.registry import ModelVersion
+from tiermesh.kit import metrics
+from tiermesh.kit.hotswap import ModelSlot
+from tiermesh.kit.registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from services.retriever.corpus import Passage
-from tiermesh.registry import ModelVersion, Registry, file_sha256
+from tiermesh.kit.registry import ModelVersion, Registry, file_sha256
 
 logger = logging.getLogger(__name__)
 

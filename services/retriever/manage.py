@@ -22,17 +22,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from services.embedder.config import served_model
 from services.retriever import corpus
-from services.retriever.config import INDEX_NAME
+from services.retriever.config import INDEX_NAME, RECALL_K, RECALL_THRESHOLD
 from services.retriever.index import IndexArtifactError, LoadedIndex, Recall, measure_recall, write_artifact
-from tiermesh.hotswap import announce_latest
-from tiermesh.registry import ModelVersion, Registry, RegistryError, file_sha256
+from tiermesh.kit.hotswap import announce_latest
+from tiermesh.kit.minilm import served_model
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError, file_sha256
 
 logger = logging.getLogger(__name__)
 
-RECALL_K = 5
-RECALL_THRESHOLD = 0.95
 EMBED_CHUNK = 256
 VALIDATIONS = "validations"
 
@@ -43,7 +41,7 @@ class PublishRefused(Exception):
 
 def embed_texts(texts: Sequence[str], embedder: ModelVersion, *, desc: str = "embedding") -> np.ndarray:
     """Vectors of `texts` from the embedder version, in-process (same ONNX model as the tier)."""
-    from services.embedder.engine import OnnxEngine
+    from tiermesh.kit.minilm import OnnxEngine
 
     engine = OnnxEngine(embedder, token_budget=512, spin_wait="on")
     vectors = np.empty((len(texts), engine.dimension), dtype=np.float32)

@@ -8,16 +8,16 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 
-from services.embedder.config import served_model
 from services.retriever.config import RetrieverConfig
 from services.retriever.engine import IndexEngine
 from services.retriever.index import LoadedIndex
-from tiermesh import telemetry
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.errors import FailedPrecondition, InvalidArgument, Unavailable, check_text, from_downstream
-from tiermesh.hotswap import Follower
-from tiermesh.registry import LATEST, ModelVersion, Registry
+from tiermesh.kit import telemetry
+from tiermesh.kit.errors import FailedPrecondition, InvalidArgument, Unavailable, check_text, from_downstream
+from tiermesh.kit.hotswap import Follower
+from tiermesh.kit.minilm import served_model
+from tiermesh.kit.registry import LATEST, ModelVersion, Registry
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
 
 _KINDS = {"flat": retriever_pb2.INDEX_KIND_FLAT, "ivf": retriever_pb2.INDEX_KIND_IVF}
@@ -56,7 +56,7 @@ class RetrieverTier(retriever_pb2_grpc.RetrieverServiceServicer):
         loaded = self.engine.current
         return _model_info(loaded.version) if loaded else common_pb2.ModelInfo()
 
-    # -- lifecycle (tiermesh.server.Tier) --------------------------------------------------------
+    # -- lifecycle (tiermesh.kit.server.Tier) --------------------------------------------------------
 
     def register(self, server: grpc.aio.Server) -> None:
         retriever_pb2_grpc.add_RetrieverServiceServicer_to_server(self, server)

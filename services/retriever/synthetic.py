@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tiermesh.registry import ModelVersion, home
+from tiermesh.kit.registry import ModelVersion, home
 
 _PRODUCTS = (
     "personal loan",
@@ -221,7 +221,7 @@ def embedded(
         if vectors.shape[0] == count:
             return vectors
         raise ValueError(f"{cache}: holds {vectors.shape[0]} vectors, expected {count}")
-    from services.embedder.engine import OnnxEngine
+    from tiermesh.kit.minilm import OnnxEngine
 
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_name(cache.name + ".partial")

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 import pytest
 import yaml
 
-from tiermesh import treatment
-from tiermesh.contract import REPO_ROOT
-from tiermesh.envoy_config import render_envoy, write_checked
-from tiermesh.runner import TIERS, read_settings
+from tiermesh.control import treatment
+from tiermesh.control.envoy_config import render_envoy, write_checked
+from tiermesh.kit.contract import REPO_ROOT
+from tiermesh.kit.topology import TIERS, read_settings
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())
@@ -149,7 +149,7 @@ def _run_treatment_command(monkeypatch, tier: str, value: str | None) -> tuple[i
         raise Executed
 
     monkeypatch.setattr(os, "execvpe", execvpe)
-    assert SERVICES[f"{tier}-treatment"]["command"] == ["python", "-m", "tiermesh.treatment"]
+    assert SERVICES[f"{tier}-treatment"]["command"] == ["python", "-m", "tiermesh.control.treatment"]
     try:
         sys.exit(treatment.main())
     except Executed:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiermesh.contract import REPO_ROOT
-from tiermesh.runner import ARMS, TIERS, read_settings, replica_ports
+from tiermesh.kit.contract import REPO_ROOT
+from tiermesh.kit.topology import ARMS, TIERS, read_settings, replica_ports
 
 OBSERVABILITY = REPO_ROOT / "observability"
 PROMETHEUS = yaml.safe_load((OBSERVABILITY / "prometheus.yml").read_text())

@@ -1,6 +1,6 @@
 import pytest
 
-from tiermesh.testing import running_mesh
+from tiermesh.control.testing import running_mesh
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from services.gateway.config import GatewayConfig
 from services.gateway.keys import KeyStore
 from services.gateway.servicer import GatewayTier
-from tiermesh.testing import serving_in_process, tier_config
+from tiermesh.kit.testing import serving_in_process, tier_config
 
 TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 

@@ -11,7 +11,9 @@ from services.bias import counterfactual, fairness
 from services.classifiers import credit
 from tiermesh.bias.v1 import bias_pb2 as pb
 from tiermesh.bias.v1 import bias_pb2_grpc
-from tiermesh.testing import only, run_cli, running_mesh
+from tiermesh.control.testing import running_mesh
+from tiermesh.kit.testing import run_cli
+from tiermesh.kit.topology import only
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,9 @@ from google.protobuf import timestamp_pb2
 
 from tiermesh.classifiers.v1 import classifiers_pb2 as pb
 from tiermesh.classifiers.v1 import classifiers_pb2_grpc
-from tiermesh.testing import only, run_cli, running_mesh, scratch_registry
+from tiermesh.control.testing import running_mesh
+from tiermesh.kit.testing import run_cli, scratch_registry
+from tiermesh.kit.topology import only
 
 pytestmark = pytest.mark.integration
 

@@ -24,10 +24,10 @@ import redis
 from services.gateway import prompt
 from tests.integration.gateway import local_gateway, rest_client
 from tiermesh.classifiers.v1 import classifiers_pb2, classifiers_pb2_grpc
-from tiermesh.contract import REPO_ROOT
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from tiermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tiermesh.testing import run_cli
+from tiermesh.kit.contract import REPO_ROOT
+from tiermesh.kit.testing import run_cli
 
 pytestmark = pytest.mark.integration
 

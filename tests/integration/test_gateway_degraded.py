@@ -15,8 +15,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.gateway import local_gateway, rest_client
-from tiermesh.runner import grpc_health, stop_process
-from tiermesh.testing import run_cli, running_mesh
+from tiermesh.control.probes import grpc_health
+from tiermesh.control.runner import stop_process
+from tiermesh.control.testing import running_mesh
+from tiermesh.kit.testing import run_cli
 
 pytestmark = pytest.mark.integration
 

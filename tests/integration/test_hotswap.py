@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from tiermesh import hotswap
-from tiermesh.registry import ModelVersion, Registry
+from tiermesh.kit import hotswap
+from tiermesh.kit.registry import ModelVersion, Registry
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tiermesh.control.probes import grpc_health
+from tiermesh.control.testing import mesh_environ, tier_process
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.runner import TIERS, grpc_health
-from tiermesh.testing import mesh_environ, run_cli, tier_process
+from tiermesh.kit.testing import run_cli
+from tiermesh.kit.topology import TIERS
 
 pytestmark = pytest.mark.integration
 EMBEDDER = next(tier for tier in TIERS if tier.name == "embedder")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tiermesh.control.probes import grpc_health
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.runner import grpc_health
-from tiermesh.testing import run_cli
+from tiermesh.kit.testing import run_cli
 
 pytestmark = pytest.mark.integration
 SERVICE = "tiermesh.embedder.v1.EmbedderService"

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from services.retriever import corpus, manage
-from tiermesh.hotswap import announce
-from tiermesh.registry import Registry
+from tiermesh.control.testing import running_mesh
+from tiermesh.kit.hotswap import announce
+from tiermesh.kit.registry import Registry
+from tiermesh.kit.testing import run_cli, scratch_registry
+from tiermesh.kit.topology import only
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
-from tiermesh.testing import only, run_cli, running_mesh, scratch_registry
 
 pytestmark = pytest.mark.integration
 QUESTIONS = [json.loads(line) for line in corpus.DEFAULT_QUESTIONS.read_text().splitlines() if line.strip()]

@@ -14,8 +14,10 @@ import grpc
 import pytest
 
 from tiermesh.bias.v1 import bias_pb2, bias_pb2_grpc
-from tiermesh.testing import only, run_cli, running_mesh
-from tiermesh.traffic import EnvoyAdmin, set_treatment, split_of
+from tiermesh.control.testing import running_mesh
+from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of
+from tiermesh.kit.testing import run_cli
+from tiermesh.kit.topology import only
 
 pytestmark = pytest.mark.integration
 

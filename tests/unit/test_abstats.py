@@ -8,7 +8,7 @@ import math
 import pytest
 from scipy import integrate, optimize, stats
 
-from tiermesh.abstats import (
+from tiermesh.control.abstats import (
     BayesReadout,
     bayes_binomial,
     frequentist_binomial,

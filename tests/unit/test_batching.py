@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from tiermesh.batching import MicroBatcher
+from tiermesh.kit.batching import MicroBatcher
 
 
 class Recorder:

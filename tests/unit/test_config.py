@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tiermesh.config import ConfigError, describe, load, setting
+from tiermesh.kit.config import ConfigError, describe, load, setting
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 import pytest
 
 from tiermesh.embedder.v1 import embedder_pb2
-from tiermesh.errors import InvalidArgument, check_count, check_text, explain_undecodable
+from tiermesh.kit.errors import InvalidArgument, check_count, check_text, explain_undecodable
 
 
 def _with_bad_utf8(message, good: str) -> bytes:

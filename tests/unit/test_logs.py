@@ -3,7 +3,7 @@ import logging
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from tiermesh.logs import JsonFormatter, redact
+from tiermesh.kit.logs import JsonFormatter, redact
 
 
 def test_redacts_emails_phones_and_account_numbers():

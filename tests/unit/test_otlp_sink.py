@@ -23,10 +23,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tiermesh.otlp_sink import SERVICE, serve
-from tiermesh.telemetry import span_to_dict
-from tiermesh.testing import free_port
-from tiermesh.traces import render, spans_of
+from tiermesh.control.otlp_sink import SERVICE, serve
+from tiermesh.control.traces import render, spans_of
+from tiermesh.kit.telemetry import span_to_dict
+from tiermesh.kit.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -270,7 +270,7 @@ def test_a_taken_port_is_an_error_not_a_shared_socket(sink, tmp_path):
 
 def test_help_says_what_the_sink_is_for():
     done = subprocess.run(
-        [sys.executable, "-m", "tiermesh.otlp_sink", "--help"],
+        [sys.executable, "-m", "tiermesh.control.otlp_sink", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -290,7 +290,7 @@ def test_the_sink_process_writes_an_exported_span_and_exits_cleanly_on_sigterm(t
     port = free_port()
     path = tmp_path / "traces.jsonl"
     process = subprocess.Popen(
-        [sys.executable, "-m", "tiermesh.otlp_sink", "--port", str(port), "--file", str(path)],
+        [sys.executable, "-m", "tiermesh.control.otlp_sink", "--port", str(port), "--file", str(path)],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,

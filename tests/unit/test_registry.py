@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tiermesh.registry import Registry, RegistryError
+from tiermesh.kit.registry import Registry, RegistryError
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_failed_publish_leaves_nothing_visible(registry, tmp_path, monkeypatch):
     def broken_fsync(_folder):
         raise OSError("disk full")
 
-    monkeypatch.setattr("tiermesh.registry._fsync_tree", broken_fsync)
+    monkeypatch.setattr("tiermesh.kit.registry._fsync_tree", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         registry.publish("demo", _artifacts(tmp_path / "b", "two"))
     assert [v.version for v in registry.versions("demo")] == ["1.0.0"]

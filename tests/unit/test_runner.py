@@ -1,9 +1,9 @@
 import pytest
 
-from tiermesh.envoy_config import render_envoy, write_checked
-from tiermesh.runner import (
-    RunnerError,
+from tiermesh.control.envoy_config import render_envoy, write_checked
+from tiermesh.kit.topology import (
     TierSpec,
+    TopologyError,
     arms,
     cluster_name,
     read_settings,
@@ -25,7 +25,7 @@ def test_env_file_values_are_overridden_by_the_environment(tmp_path):
 def test_malformed_env_file_line_is_reported_with_its_number(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("A=1\nnot a setting\n")
-    with pytest.raises(RunnerError, match=r"\.env:2: expected KEY=VALUE"):
+    with pytest.raises(TopologyError, match=r"\.env:2: expected KEY=VALUE"):
         read_settings({}, env_file)
 
 
@@ -51,12 +51,12 @@ def test_render_routes_each_tier_by_its_proto_package():
 
 
 def test_render_requires_every_tier_port():
-    with pytest.raises(RunnerError, match="EMBEDDER_GRPC_PORT"):
+    with pytest.raises(TopologyError, match="EMBEDDER_GRPC_PORT"):
         render_envoy({"ENVOY_GRPC_PORT": "1", "ENVOY_ADMIN_PORT": "2"})
 
 
 def test_free_ports_are_distinct_and_outside_the_ephemeral_range():
-    from tiermesh.testing import _listen_range, free_port, free_ports
+    from tiermesh.kit.testing import _listen_range, free_port, free_ports
 
     picked = [free_port() for _ in range(200)] + [
         free_ports(4) + offset for _ in range(20) for offset in range(4)
@@ -99,7 +99,7 @@ def test_tracing_goes_to_the_sink_or_the_configured_otlp_endpoint(tmp_path):
         {**PORTS, "OTLP_SINK_PORT": "7", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, TWO_TIERS
     )
     assert "address: collector, port_value: 4317" in collector
-    with pytest.raises(RunnerError, match="OTEL_EXPORTER_OTLP_ENDPOINT"):
+    with pytest.raises(TopologyError, match="OTEL_EXPORTER_OTLP_ENDPOINT"):
         render_envoy({**PORTS, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://:4317"}, TWO_TIERS)
 
 
@@ -133,7 +133,7 @@ def test_treatment_overrides_are_key_value_pairs_or_same(raw, expected):
     ],
 )
 def test_bad_treatment_settings_name_the_variable(raw, message):
-    with pytest.raises(RunnerError, match=f"LLM_TREATMENT: .*{message}"):
+    with pytest.raises(TopologyError, match=f"LLM_TREATMENT: .*{message}"):
         treatment_overrides({"LLM_TREATMENT": raw}, TWO_TIERS[1])
 
 
@@ -144,7 +144,7 @@ def test_treatment_ports_and_names_are_the_treatments_own():
     assert replica_ports(settings, llm, "GRPC", "treatment") == [200, 201]
     assert [replica_name(llm, i, "treatment") for i in range(2)] == ["llm-treatment", "llm-treatment-2"]
     assert cluster_name(llm, "treatment") == "llm_treatment" and cluster_name(llm) == "llm"
-    with pytest.raises(RunnerError, match="LLM_TREATMENT_METRICS_PORT"):
+    with pytest.raises(TopologyError, match="LLM_TREATMENT_METRICS_PORT"):
         replica_ports(settings, llm, "METRICS", "treatment")
 
 

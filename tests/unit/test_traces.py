@@ -2,7 +2,7 @@
 
 import json
 
-from tiermesh.traces import render, spans_of
+from tiermesh.control.traces import render, spans_of
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 

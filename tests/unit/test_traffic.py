@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from tiermesh.armstats import ArmCounts, window
-from tiermesh.experiment import Experiment, Feedback, arm_of_answer, assess, classify_feedback
-from tiermesh.rollout import Guard, parse_duration, parse_steps
-from tiermesh.traffic import TrafficError, parse_assignment
+from tiermesh.control.armstats import ArmCounts, window
+from tiermesh.control.experiment import Experiment, Feedback, arm_of_answer, assess, classify_feedback
+from tiermesh.control.rollout import Guard, parse_duration, parse_steps
+from tiermesh.control.traffic import TrafficError, parse_assignment
 
 BOUNDS = (1.0, 10.0, 100.0, math.inf)
 

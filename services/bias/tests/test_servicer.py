@@ -13,7 +13,7 @@ from services.bias.config import BiasConfig
 from services.bias.servicer import BiasTier
 from tiermesh.bias.v1 import bias_pb2 as pb
 from tiermesh.bias.v1 import bias_pb2_grpc
-from tiermesh.testing import scratch_registry, serving_in_process, tier_config
+from tiermesh.kit.testing import scratch_registry, serving_in_process, tier_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -7,7 +7,7 @@ import pytest
 
 from services.bias import text
 from services.bias.text import DATA, Rules, TextModel, evaluate, read_snippets
-from tiermesh.registry import METADATA, ModelVersion, RegistryError
+from tiermesh.kit.registry import METADATA, ModelVersion, RegistryError
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from sklearn.ensemble import IsolationForest
 
 from services.classifiers import anomaly
 from services.classifiers.anomaly import AnomalyModel, Forest
-from tiermesh.registry import ModelVersion, RegistryError
+from tiermesh.kit.registry import ModelVersion, RegistryError
 
 
 @pytest.mark.parametrize("max_features", [1.0, 0.5])

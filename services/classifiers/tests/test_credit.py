@@ -7,7 +7,7 @@ import pytest
 
 from services.classifiers import credit, synthetic
 from services.classifiers.credit import CreditModel
-from tiermesh.registry import ModelVersion, RegistryError
+from tiermesh.kit.registry import ModelVersion, RegistryError
 
 
 @pytest.fixture(scope="module")

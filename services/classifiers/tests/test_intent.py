@@ -7,7 +7,7 @@ import pytest
 
 from services.classifiers import intent
 from services.classifiers.intent import LABELS, IntentModel, predictions, read_examples
-from tiermesh.registry import ModelVersion, Registry, RegistryError
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError
 
 
 def test_the_data_has_every_label_a_fixed_split_and_no_leak():

@@ -102,7 +102,7 @@ def test_annotations_must_occur_in_their_sentence(tmp_path):
 
 
 def test_another_spacy_model_version_is_refused(classifier_models, tmp_path):
-    from tiermesh.registry import ModelVersion, RegistryError
+    from tiermesh.kit.registry import ModelVersion, RegistryError
 
     version = classifier_models["ner"]
     metadata = {

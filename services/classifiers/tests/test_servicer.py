@@ -14,8 +14,8 @@ from services.classifiers.config import ClassifiersConfig
 from services.classifiers.servicer import ClassifiersTier
 from tiermesh.classifiers.v1 import classifiers_pb2 as pb
 from tiermesh.classifiers.v1 import classifiers_pb2_grpc
-from tiermesh.registry import METADATA
-from tiermesh.testing import scratch_registry, serving_in_process, tier_config
+from tiermesh.kit.registry import METADATA
+from tiermesh.kit.testing import scratch_registry, serving_in_process, tier_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

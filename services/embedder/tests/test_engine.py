@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from services.embedder.engine import OnnxEngine, token_budget_groups
+from tiermesh.kit.minilm import OnnxEngine, token_budget_groups
 
 TEXTS = [
     "Can I afford a $25,000 car loan on $4,000 a month?",

@@ -10,8 +10,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.embedder.config import EmbedderConfig
 from services.embedder.servicer import EmbedderTier
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.server import TierServer
-from tiermesh.testing import serving_in_process, tier_config
+from tiermesh.kit.server import TierServer
+from tiermesh.kit.testing import serving_in_process, tier_config
 
 SERVICE = "tiermesh.embedder.v1.EmbedderService"
 
@@ -128,7 +128,7 @@ async def test_a_call_continues_the_callers_trace(stub, spans, embedding_model):
     tracer = trace.get_tracer("test")
     spans.clear()
     with tracer.start_as_current_span("caller") as parent:
-        from tiermesh.telemetry import outgoing_metadata
+        from tiermesh.kit.telemetry import outgoing_metadata
 
         await stub.Embed(embedder_pb2.EmbedRequest(text="traced"), metadata=outgoing_metadata())
     server_spans = [s for s in spans.get_finished_spans() if s.name == f"{SERVICE}/Embed"]
@@ -165,7 +165,7 @@ async def test_unavailable_until_the_engine_is_loaded(embedding_model):
 async def test_kit_channels_send_the_current_trace_downstream(server, spans):
     from opentelemetry import trace
 
-    from tiermesh.telemetry import channel
+    from tiermesh.kit.telemetry import channel
 
     spans.clear()
     with trace.get_tracer("test").start_as_current_span("upstream tier") as parent:

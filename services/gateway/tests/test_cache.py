@@ -12,7 +12,7 @@ from services.gateway.cache import ResponseCache, VersionBook, normalise
 from services.gateway.flow import resolve
 from services.gateway.tests.test_flow import ScriptedTiers, advisor, answer, failure
 from tiermesh.gateway.v1 import gateway_pb2 as g
-from tiermesh.hotswap import channel
+from tiermesh.kit.hotswap import channel
 
 QUESTION = "Can I afford a $25,000 car loan on $4,000 a month?"
 

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from services.gateway.feedback import FEEDBACK_STREAM, FeedbackStore, UnknownResponse
 from services.gateway.flow import resolve
 from services.gateway.tests.test_flow import ScriptedTiers, advisor, answer
-from tiermesh.errors import InvalidArgument
+from tiermesh.kit.errors import InvalidArgument
 
 
 @pytest.fixture

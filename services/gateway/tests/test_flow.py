@@ -20,11 +20,11 @@ from tiermesh.bias.v1 import bias_pb2
 from tiermesh.classifiers.v1 import classifiers_pb2
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2
-from tiermesh.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from tiermesh.gateway.v1 import gateway_pb2 as g
+from tiermesh.kit.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from tiermesh.kit.testing import tier_config
 from tiermesh.llm.v1 import llm_pb2
 from tiermesh.retriever.v1 import retriever_pb2
-from tiermesh.testing import tier_config
 
 QUESTION = "Can I afford a $25,000 car loan on $4,000 a month?"
 

@@ -3,24 +3,20 @@ revocation, the sliding-window limits and their waits, atomicity, and the `tierm
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import functools
 import hashlib
 import os
 import re
 import secrets
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from services.gateway.keys import REQUESTS, TOKENS, ApiKey, KeyStore, RateLimiter
-from tiermesh.testing import free_port, run_cli
+from tiermesh.kit.testing import free_port, run_cli
 
 WINDOW = 60.0
 START = 100_000 * WINDOW  # the start of a fixed window, so clock offsets are window fractions
@@ -437,41 +433,10 @@ async def test_charge_refuses_negative_tokens(limiter: RateLimiter) -> None:
 
 # --- tiermesh keys ------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[3]
-# Until `keys` is registered in tiermesh/cli.py: the same parser and run convention, on its own.
-_STANDALONE = """
-import argparse, sys
-from services.gateway.keys_cli import add_commands
-parser = argparse.ArgumentParser(prog="tiermesh")
-add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-args = parser.parse_args()
-sys.exit(args.run(args))
-"""
-
-
-@functools.cache
-def _registered() -> bool:
-    from tiermesh.cli import build_parser
-
-    return any(
-        isinstance(action, argparse._SubParsersAction) and "keys" in action.choices
-        for action in build_parser()._actions
-    )
-
 
 def keys_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     """`tiermesh keys ARGS...` in a subprocess."""
-    if _registered():
-        return run_cli(env, "keys", *args, timeout=60)
-    return subprocess.run(
-        [sys.executable, "-c", _STANDALONE, "keys", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(env, "keys", *args, timeout=60)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.rest import AdviceOut, _field, advice_json, create_app
 from services.gateway.tests.test_flow import ScriptedTiers, ask, failure
 from tiermesh.classifiers.v1 import classifiers_pb2
-from tiermesh.testing import tier_config
+from tiermesh.kit.testing import tier_config
 
 
 @pytest.mark.parametrize(

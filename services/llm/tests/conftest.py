@@ -11,8 +11,8 @@ import pytest
 import pytest_asyncio
 
 from services.llm.config import LlmConfig
-from tiermesh.registry import ModelVersion, Registry
-from tiermesh.testing import tier_config
+from tiermesh.kit.registry import ModelVersion, Registry
+from tiermesh.kit.testing import tier_config
 
 TINY_MODEL = "tiny-llama"
 CONTEXT = 2048
@@ -91,7 +91,7 @@ def tiny_config(**values: Any) -> LlmConfig:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def llm_server(tiny_model: ModelVersion, llm_registry: Registry, spans: Any) -> Any:
     from services.llm.servicer import LlmTier
-    from tiermesh.testing import serving_in_process
+    from tiermesh.kit.testing import serving_in_process
 
     config = tiny_config()
     async with serving_in_process(LlmTier(config, registry=llm_registry), config) as server:

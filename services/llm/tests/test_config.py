@@ -7,7 +7,7 @@ import pytest
 from services.llm.config import MODEL_NAME, LlmConfig
 from services.llm.servicer import LlmTier
 from services.llm.tests.conftest import TINY_MODEL, tiny_config
-from tiermesh.config import ConfigError, load
+from tiermesh.kit.config import ConfigError, load
 
 PORTS = {"LLM_GRPC_PORT": "0", "LLM_METRICS_PORT": "0"}
 

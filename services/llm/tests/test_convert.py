@@ -8,9 +8,9 @@ import pytest
 from services.llm.config import MODEL_NAME, LlmConfig
 from services.llm.convert import prepare, source_gguf
 from services.llm.servicer import LlmTier
+from tiermesh.kit.registry import Registry, file_sha256
+from tiermesh.kit.testing import serving_in_process, tier_config
 from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
-from tiermesh.registry import Registry, file_sha256
-from tiermesh.testing import serving_in_process, tier_config
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.llm.servicer import LlmTier
 from services.llm.tests.conftest import tiny_config
+from tiermesh.kit.testing import serving_in_process
 from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
-from tiermesh.testing import serving_in_process
 
 SERVICE = "tiermesh.llm.v1.LlmService"
 STATUS = health_pb2.HealthCheckResponse

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.llm.config import LlmConfig
 from services.llm.servicer import LlmTier
 from services.llm.tests.conftest import TINY_MODEL, tiny_config
+from tiermesh.kit.server import TierServer
 from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
-from tiermesh.server import TierServer
 
 SERVICE = "tiermesh.llm.v1.LlmService"
 USER = llm_pb2.ROLE_USER

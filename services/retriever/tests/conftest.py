@@ -7,8 +7,8 @@ import pytest
 
 from services.retriever.corpus import Passage
 from services.retriever.index import write_artifact
-from tiermesh import testing
-from tiermesh.registry import ModelVersion, Registry
+from tiermesh.kit import testing
+from tiermesh.kit.registry import ModelVersion, Registry
 
 TOPICS = ("fees", "credit", "hardship", "documents")
 

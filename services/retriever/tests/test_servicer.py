@@ -9,8 +9,8 @@ from prometheus_client import REGISTRY
 from services.retriever.config import RetrieverConfig
 from services.retriever.servicer import RetrieverTier
 from services.retriever.tests.conftest import artifact
+from tiermesh.kit.testing import free_port, serving_in_process, tier_config
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
-from tiermesh.testing import free_port, serving_in_process, tier_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
-from tiermesh.config import setting
+from tiermesh.kit.config import setting
 
 EXPORTERS = ("auto", "otlp", "file", "console", "none")
 
@@ -104,7 +104,7 @@ def configure(service: str, config: TelemetryConfig) -> TracerProvider:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     elif choice == "file":
         if config.traces_file is None:
-            from tiermesh.config import ConfigError
+            from tiermesh.kit.config import ConfigError
 
             raise ConfigError("TIERMESH_TRACES_FILE: required when TIERMESH_TRACES_EXPORTER=file")
         # Batched: one file append per ~0.2 s instead of per span (per-span writes cost cheap RPCs

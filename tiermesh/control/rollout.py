@@ -15,8 +15,8 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 
-from tiermesh.armstats import ArmCounts, snapshot, window
-from tiermesh.traffic import EnvoyAdmin, TrafficError, checked_percent, set_treatment, split_of
+from tiermesh.control.armstats import ArmCounts, snapshot, window
+from tiermesh.control.traffic import EnvoyAdmin, TrafficError, checked_percent, set_treatment, split_of
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,177 +11,38 @@ and `down`. Ports come from `.env`, overridden by environment variables of the s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
-import re
-import shlex
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from tiermesh.contract import REPO_ROOT
-from tiermesh.registry import home
+from tiermesh.control.envoy_config import envoy_binary, render_envoy, write_checked
+from tiermesh.control.probes import envoy_ready, grpc_health, http_status, store_ping
+from tiermesh.kit.contract import REPO_ROOT
+from tiermesh.kit.registry import home
+from tiermesh.kit.topology import (
+    TIERS,
+    TierSpec,
+    arms,
+    cluster_name,
+    read_settings,
+    replica_name,
+    replica_ports,
+    replicas,
+    treatment_overrides,
+)
 
 logger = logging.getLogger(__name__)
-
-ENV_FILE = REPO_ROOT / ".env"
-ENVOY_DIR = REPO_ROOT / "envoy"
-TIER_HEADER = "x-tiermesh-tier"
 
 
 class RunnerError(RuntimeError):
     """The mesh could not be started or stopped; the message says which component and why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TierSpec:
-    """How the runner starts one tier and how Envoy routes to it."""
-
-    name: str
-    service: str
-    load_timeout_s: float = 180.0
-    # The tier also serves a REST API (`<TIER>_HTTP_PORT`), behind Envoy's REST listener.
-    rest: bool = False
-
-    @property
-    def module(self) -> str:
-        return f"services.{self.name}"
-
-    @property
-    def package(self) -> str:
-        return self.service.rsplit(".", 1)[0]
-
-    @property
-    def prefix(self) -> str:
-        return self.name.upper() + "_"
-
-
-# The front tier (health/reflection through Envoy without a header) comes first.
-TIERS: tuple[TierSpec, ...] = (
-    TierSpec("embedder", "tiermesh.embedder.v1.EmbedderService"),
-    TierSpec("retriever", "tiermesh.retriever.v1.RetrieverService"),
-    # vLLM's engine processes start in ~40 s on 2 cores (then a warm-up generation).
-    TierSpec("llm", "tiermesh.llm.v1.LlmService", load_timeout_s=300.0),
-    TierSpec("classifiers", "tiermesh.classifiers.v1.ClassifiersService"),
-    TierSpec("bias", "tiermesh.bias.v1.BiasService"),
-    # The gateway calls every other tier through Envoy; it starts fast (no model of its own).
-    TierSpec("gateway", "tiermesh.gateway.v1.AdvisorService", rest=True),
-)
-
-
-ARMS = ("control", "treatment")
-# Settings a treatment may not override: the runner gives each deployment its own ports and arm.
-_RUNNER_OWNED = ("_GRPC_PORT", "_METRICS_PORT", "_HTTP_PORT", "_REPLICAS", "TIERMESH_ARM", "TIERMESH_HOME")
-
-
-def arm_prefix(tier: TierSpec, arm: str) -> str:
-    """Where a deployment's ports and replica count are set: `LLM_...` or `LLM_TREATMENT_...`."""
-    if arm not in ARMS:
-        raise RunnerError(f"unknown arm {arm!r} (expected control or treatment)")
-    return tier.prefix if arm == "control" else f"{tier.prefix}TREATMENT_"
-
-
-def treatment_overrides(settings: Mapping[str, str], tier: TierSpec) -> dict[str, str] | None:
-    """The settings `tier`'s treatment deployment differs in (`<TIER>_TREATMENT`: KEY=VALUE pairs
-    separated by spaces, or `same` for an A/A test), or None when the tier has no treatment."""
-    name = f"{tier.prefix}TREATMENT"
-    raw = settings.get(name, "").strip()
-    if not raw:
-        return None
-    if raw == "same":
-        return {}
-    overrides: dict[str, str] = {}
-    for item in shlex.split(raw):
-        key, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
-            raise RunnerError(
-                f"{name}: expected KEY=VALUE pairs separated by spaces, or 'same'; got {item!r}"
-            )
-        if key.endswith(_RUNNER_OWNED):
-            raise RunnerError(f"{name}: {key} is set by the runner for each deployment (use {name}_* ports)")
-        overrides[key] = value
-    return overrides
-
-
-def arms(settings: Mapping[str, str], tier: TierSpec) -> tuple[str, ...]:
-    """The deployments of `tier`: its control, and its treatment when one is configured."""
-    return ARMS if treatment_overrides(settings, tier) is not None else ARMS[:1]
-
-
-def cluster_name(tier: TierSpec, arm: str = "control") -> str:
-    """Envoy's cluster for one arm of a tier (the control keeps the tier's name)."""
-    return tier.name if arm == "control" else f"{tier.name}_{arm}"
-
-
-def tier_named(name: str) -> TierSpec:
-    """The tier called `name`; RunnerError listing the tiers if there is none."""
-    for tier in TIERS:
-        if tier.name == name:
-            return tier
-    raise RunnerError(f"unknown tier {name!r} (tiers: {', '.join(t.name for t in TIERS)})")
-
-
-def replicas(settings: Mapping[str, str], tier: TierSpec, arm: str = "control") -> int:
-    """How many processes serve one arm of `tier` (`<TIER>_REPLICAS`, `<TIER>_TREATMENT_REPLICAS`;
-    default 1)."""
-    key = f"{arm_prefix(tier, arm)}REPLICAS"
-    raw = settings.get(key, "1")
-    try:
-        count = int(raw)
-    except ValueError:
-        count = 0
-    if not 1 <= count <= 16:
-        raise RunnerError(f"{key}: expected 1 to 16, got {raw!r}")
-    return count
-
-
-def replica_ports(
-    settings: Mapping[str, str], tier: TierSpec, kind: str = "GRPC", arm: str = "control"
-) -> list[int]:
-    """Replica i listens on `<TIER>_<KIND>_PORT` + i (the treatment's: `<TIER>_TREATMENT_<KIND>_PORT` + i)."""
-    key = f"{arm_prefix(tier, arm)}{kind}_PORT"
-    if not settings.get(key):
-        raise RunnerError(f"{key}: required to run the {tier.name} tier's {arm}")
-    return [int(settings[key]) + i for i in range(replicas(settings, tier, arm))]
-
-
-def replica_name(tier: TierSpec, index: int, arm: str = "control") -> str:
-    base = tier.name if arm == "control" else f"{tier.name}-{arm}"
-    return base if index == 0 else f"{base}-{index + 1}"
-
-
-def read_settings(environ: Mapping[str, str] | None = None, env_file: Path = ENV_FILE) -> dict[str, str]:
-    """The ports file's KEY=VALUE pairs, each overridden by an environment variable of that name."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, str] = {}
-    if env_file.is_file():
-        for number, line in enumerate(env_file.read_text().splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            key, sep, value = line.partition("=")
-            if not sep:
-                raise RunnerError(f"{env_file}:{number}: expected KEY=VALUE, got {line!r}")
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]  # quoted as docker compose allows
-            values[key.strip()] = value
-    prefixes = ("ENVOY_", "STORE_", "TIERS_", "OTLP_", *(tier.prefix for tier in TIERS))
-    for key, value in environ.items():
-        if value and (key in values or key.startswith(prefixes)):
-            values[key] = value
-    return values
 
 
 def envoy_address() -> str:
@@ -200,49 +61,17 @@ def store_url(environ: Mapping[str, str] | None = None) -> str:
     )
 
 
-# -- probes ------------------------------------------------------------------------------------
+class LocalAddresses:
+    """The running local mesh's addresses, as the CLI root hands them to every command (`args.mesh`)."""
+
+    def envoy(self) -> str:
+        return envoy_address()
+
+    def store(self) -> str:
+        return store_url()
 
 
-def grpc_health(address: str, service: str = "", *, tier: str | None = None, timeout: float = 1.0) -> str:
-    """The health status name of `service` at `address` (SERVING, NOT_SERVING, UNAVAILABLE, ...)."""
-    metadata = [(TIER_HEADER, tier)] if tier else None
-    with grpc.insecure_channel(address) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
-            )
-        except grpc.RpcError as error:
-            return error.code().name
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-
-
-def envoy_ready(admin: str) -> str:
-    """Envoy's /ready answer (LIVE once its listeners are up), or DOWN."""
-    try:
-        with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as response:
-            return response.read().decode().strip()
-    except OSError:
-        return "DOWN"
-
-
-def http_status(url: str) -> int:
-    """The HTTP status of a GET of `url`, or 0 when nothing answered."""
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
-
-
-def store_ping(url: str) -> str:
-    import redis
-
-    try:
-        return "SERVING" if redis.Redis.from_url(url, socket_timeout=1).ping() else "DOWN"
-    except (redis.RedisError, OSError):
-        return "DOWN"
+# -- start-up ----------------------------------------------------------------------------------
 
 
 def wait_until(
@@ -407,10 +236,7 @@ class Mesh:
         for tier in tiers:
             for arm in arms(s, tier):
                 overrides = (treatment_overrides(s, tier) or {}) if arm == "treatment" else {}
-                ports = {
-                    kind: replica_ports(s, tier, kind, arm)
-                    for kind in (("GRPC", "METRICS", "HTTP") if tier.rest else ("GRPC", "METRICS"))
-                }
+                ports = {kind: replica_ports(s, tier, kind, arm) for kind in tier.port_kinds()}
                 for index in range(replicas(s, tier, arm)):
                     name = replica_name(tier, index, arm)
                     env = {
@@ -461,8 +287,6 @@ class Mesh:
         else:
             envoy_settings.pop("OTLP_SINK_PORT", None)
         config_path = self.run_dir / "envoy.yaml"
-        from tiermesh.envoy_config import envoy_binary, render_envoy, write_checked
-
         write_checked(render_envoy({**self.environ, **envoy_settings}, tiers), config_path)
         envoy = [envoy_binary()]
         state["envoy"] = {
@@ -471,7 +295,7 @@ class Mesh:
                 [
                     sys.executable,
                     "-m",
-                    "tiermesh.supervise",
+                    "tiermesh.control.supervise",
                     *envoy,
                     "-c",
                     str(config_path),
@@ -546,9 +370,19 @@ class Mesh:
         return env.get("TIERMESH_TRACES_EXPORTER", "auto") in ("auto", "file")
 
     def _start_sink(self, port: int, traces_file: Path) -> dict[str, Any]:
-        argv = [sys.executable, "-m", "tiermesh.otlp_sink", "--port", str(port), "--file", str(traces_file)]
+        argv = [
+            sys.executable,
+            "-m",
+            "tiermesh.control.otlp_sink",
+            "--port",
+            str(port),
+            "--file",
+            str(traces_file),
+        ]
         return {
-            **self._spawn("otlp-sink", argv, {**self.environ, "PYTHONUNBUFFERED": "1"}, "tiermesh.otlp_sink"),
+            **self._spawn(
+                "otlp-sink", argv, {**self.environ, "PYTHONUNBUFFERED": "1"}, "tiermesh.control.otlp_sink"
+            ),
             "grpc": f"127.0.0.1:{port}",
             "file": str(traces_file),
         }

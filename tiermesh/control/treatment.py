@@ -1,4 +1,4 @@
-"""`python -m tiermesh.treatment`: start a tier as its A/B treatment in a container.
+"""`python -m tiermesh.control.treatment`: start a tier as its A/B treatment in a container.
 
 Compose's `<tier>-treatment` services run this (`TIERMESH_TIER` names the tier). It applies the
 runner's own variable, `<TIER>_TREATMENT` (KEY=VALUE pairs, or `same`), with the runner's parser,
@@ -12,18 +12,18 @@ from __future__ import annotations
 import os
 import sys
 
-from tiermesh.runner import RunnerError, tier_named, treatment_overrides
+from tiermesh.kit.topology import TopologyError, tier_named, treatment_overrides
 
 
 def main() -> int:
     try:
         tier = tier_named(os.environ.get("TIERMESH_TIER", ""))
-    except RunnerError as error:
+    except TopologyError as error:
         print(f"TIERMESH_TIER: {error}", file=sys.stderr)
         return 2
     try:
         overrides = treatment_overrides(os.environ, tier)
-    except RunnerError as error:
+    except TopologyError as error:
         print(f"{tier.name} treatment: {error}", file=sys.stderr)
         return 2
     if overrides is None:

@@ -15,24 +15,36 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
-from tiermesh.runner import ENVOY_DIR, TIERS, RunnerError, TierSpec, arms, cluster_name, replica_ports
+from tiermesh.kit.contract import REPO_ROOT
+from tiermesh.kit.topology import (
+    ARM_HEADER,
+    TIER_HEADER,
+    TIERS,
+    USER_HEADER,
+    WEIGHT_SCALE,
+    TierSpec,
+    TopologyError,
+    arms,
+    cluster_name,
+    replica_ports,
+    runtime_prefix,
+)
 
-# Weights are hundredths of a percent: the hash of a user id modulo this picks the arm.
-WEIGHT_SCALE = 10_000
-RUNTIME_PREFIX = "tiermesh.weights"
+ENVOY_DIR = REPO_ROOT / "envoy"
+# The mesh's header names, filled into every template that needs one.
+HEADERS = {"USER_HEADER": USER_HEADER, "TIER_HEADER": TIER_HEADER, "ARM_HEADER": ARM_HEADER}
 
 
-def runtime_prefix(tier: str) -> str:
-    """The runtime key prefix of a tier's weights; a cluster's weight is `<prefix>.<cluster>`."""
-    return f"{RUNTIME_PREFIX}.{tier}"
+class EnvoyConfigError(RuntimeError):
+    """Envoy refused a rendered configuration; the message quotes Envoy."""
 
 
 def _fill(name: str, values: Mapping[str, str]) -> str:
     template = string.Template((ENVOY_DIR / name).read_text())
     try:
-        return template.substitute(values)
+        return template.substitute({**HEADERS, **values})
     except KeyError as missing:
-        raise RunnerError(
+        raise TopologyError(
             f"envoy/{name}: no value for {missing} (set it in .env or the environment)"
         ) from None
 
@@ -73,7 +85,7 @@ def traces_address(settings: Mapping[str, str]) -> tuple[str, str] | None:
     if endpoint:
         parsed = urllib.parse.urlsplit(endpoint if "//" in endpoint else f"//{endpoint}")
         if not parsed.hostname:
-            raise RunnerError(f"OTEL_EXPORTER_OTLP_ENDPOINT: expected http://host:port, got {endpoint!r}")
+            raise TopologyError(f"OTEL_EXPORTER_OTLP_ENDPOINT: expected http://host:port, got {endpoint!r}")
         return parsed.hostname, str(parsed.port or 4317)
     if settings.get("OTLP_SINK_PORT"):
         return settings.get("OTLP_SINK_HOST", "127.0.0.1"), settings["OTLP_SINK_PORT"]
@@ -121,7 +133,7 @@ def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIER
                 )
         if tier.rest:
             if not settings.get("ENVOY_HTTP_PORT"):
-                raise RunnerError(f"ENVOY_HTTP_PORT: required to serve the {tier.name} tier's REST API")
+                raise TopologyError(f"ENVOY_HTTP_PORT: required to serve the {tier.name} tier's REST API")
             rest_listeners.append(
                 _fill(
                     "rest_listener.yaml.tmpl",
@@ -162,10 +174,10 @@ def envoy_binary() -> str:
 
 
 def write_checked(config: str, path: Path) -> None:
-    """Write `config` to `path` and have Envoy validate it; RunnerError with Envoy's words if not."""
+    """Write `config` to `path` and have Envoy validate it; EnvoyConfigError with Envoy's words if not."""
     path.write_text(config)
     check = subprocess.run(
         [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, check=False
     )
     if check.returncode != 0:
-        raise RunnerError(f"envoy rejected {path}:\n{check.stdout}{check.stderr}")
+        raise EnvoyConfigError(f"envoy rejected {path}:\n{check.stdout}{check.stderr}")

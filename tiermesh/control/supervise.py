@@ -1,4 +1,4 @@
-"""`python -m tiermesh.supervise CMD...`: run CMD as a child and live exactly as long as it does.
+"""`python -m tiermesh.control.supervise CMD...`: run CMD as a child and live exactly as long as it does.
 
 Envoy sets PR_SET_PDEATHSIG(SIGTERM) on itself, so it stops as soon as the process that started
 it exits. The runner's `up` returns while the mesh keeps running, so Envoy gets this small parent
@@ -14,7 +14,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m tiermesh.supervise COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: python -m tiermesh.control.supervise COMMAND [ARGS...]", file=sys.stderr)
         return 2
     child = subprocess.Popen(argv)
     for signum in (signal.SIGTERM, signal.SIGINT):

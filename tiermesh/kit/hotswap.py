@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -25,31 +24,13 @@ from typing import Generic, Protocol, TypeVar
 import redis
 import redis.asyncio as aioredis
 
-from tiermesh import metrics
-from tiermesh.config import setting
-from tiermesh.errors import InvalidArgument, Unavailable
-from tiermesh.registry import ModelVersion, Registry, RegistryError
-from tiermesh.server import ServerConfig
+from tiermesh.kit import metrics
+from tiermesh.kit.errors import InvalidArgument, Unavailable
+from tiermesh.kit.registry import ModelVersion, Registry, RegistryError
 
 logger = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "tiermesh:latest:"
-
-
-@dataclasses.dataclass(frozen=True)
-class FollowingConfig(ServerConfig):
-    """Settings of a tier that follows `latest` of its registry models (`<TIER>_STORE_URL`, ...)."""
-
-    store_url: str = setting(
-        "STORE_URL", "", help="redis:// URL for publish announcements; empty: periodic checks only"
-    )
-    check_interval_s: float = setting(
-        "CHECK_INTERVAL_S",
-        5.0,
-        help="seconds between checks of the registry's latest version (catches missed announcements)",
-        min=0.1,
-        max=3600,
-    )
 
 
 def channel(name: str) -> str:

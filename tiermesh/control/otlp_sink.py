@@ -1,11 +1,11 @@
 """A tiny OTLP/gRPC trace receiver that appends spans to tiermesh's JSON-lines trace file.
 
 Envoy's OpenTelemetry tracer can only export over OTLP, while every tier writes its spans to one
-shared file (`TIERMESH_TRACES_FILE`, see `tiermesh.telemetry`) that `tiermesh trace` reads. This
+shared file (`TIERMESH_TRACES_FILE`, see `tiermesh.kit.telemetry`) that `tiermesh trace` reads. This
 sink receives Envoy's spans and writes them there in exactly the form of `telemetry.span_to_dict`,
 so Envoy's hops show up in the same trace tree as the tiers'.
 
-Run it as its own process: `python -m tiermesh.otlp_sink --port N --file PATH`. It also answers
+Run it as its own process: `python -m tiermesh.control.otlp_sink --port N --file PATH`. It also answers
 the standard gRPC health check, so a runner can wait for it before starting Envoy.
 """
 
@@ -30,9 +30,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from tiermesh import logs
+from tiermesh.kit import logs
 
-log = logging.getLogger("tiermesh.otlp_sink")  # not "__main__" under python -m
+log = logging.getLogger("tiermesh.control.otlp_sink")  # not "__main__" under python -m
 
 SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
 
@@ -83,7 +83,7 @@ def _hex_id(raw: bytes, size: int, what: str) -> str:
 
 
 def span_dict(span: trace_pb2.Span, service: str) -> dict[str, Any]:
-    """One OTLP span as the same dict `tiermesh.telemetry.span_to_dict` makes of an SDK span."""
+    """One OTLP span as the same dict `tiermesh.kit.telemetry.span_to_dict` makes of an SDK span."""
     return {
         "service": service,
         "name": span.name,
@@ -221,7 +221,7 @@ def serve(host: str, port: int, path: Path) -> grpc.Server:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tiermesh.otlp_sink",
+        prog="python -m tiermesh.control.otlp_sink",
         description="Receives OTLP/gRPC spans (from Envoy's OpenTelemetry tracer) and appends them to "
         "tiermesh's JSON-lines trace file, in the same format the tiers write, so `tiermesh trace` "
         "shows Envoy's spans with theirs. Answers the gRPC health check; stops on SIGTERM/SIGINT.",

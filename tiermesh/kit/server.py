@@ -8,7 +8,7 @@ message), configures JSON logs and tracing, and serves the tier:
 * server reflection lists the tier's services (descriptors of the whole tiermesh contract can be
   resolved, so any tier answers reflection for calls routed through Envoy);
 * every product RPC passes one interceptor that continues the caller's trace, records Prometheus
-  metrics, turns `tiermesh.errors.RpcError` into its status and an unexpected exception into
+  metrics, turns `tiermesh.kit.errors.RpcError` into its status and an unexpected exception into
   INTERNAL (logged, never a crash), and answers undecodable requests with INVALID_ARGUMENT
   naming the field;
 * SIGTERM/SIGINT: health goes NOT_SERVING, new RPCs are refused, in-flight RPCs get the grace
@@ -18,7 +18,6 @@ message), configures JSON logs and tracing, and serves the tier:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
 import signal
@@ -34,29 +33,14 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from tiermesh import contract, logs, metrics, telemetry
 from tiermesh.common.v1 import common_pb2
-from tiermesh.config import ConfigError, describe, load, setting
-from tiermesh.errors import RpcError, explain_undecodable
+from tiermesh.kit import contract, logs, metrics, telemetry
+from tiermesh.kit.config import ConfigError, ServerConfig, describe, load
+from tiermesh.kit.errors import RpcError, explain_undecodable
 
 logger = logging.getLogger(__name__)
 
 ConfigT = TypeVar("ConfigT", bound="ServerConfig")
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerConfig:
-    """Settings every tier has, read with the tier's prefix (e.g. `EMBEDDER_GRPC_PORT`)."""
-
-    grpc_port: int = setting("GRPC_PORT", help="gRPC listen port (0 = any free port)", min=0, max=65535)
-    metrics_port: int = setting("METRICS_PORT", help="Prometheus /metrics port (0 = any)", min=0, max=65535)
-    host: str = setting("HOST", "127.0.0.1", help="address to bind gRPC and metrics to")
-    shutdown_grace_s: float = setting(
-        "SHUTDOWN_GRACE_S", 10.0, help="seconds in-flight RPCs get to finish on SIGTERM", min=0, max=300
-    )
-    max_message_mb: int = setting(
-        "MAX_MESSAGE_MB", 16, help="largest request or response, MiB", min=1, max=512
-    )
 
 
 class Tier(Protocol):

@@ -98,3 +98,34 @@ def describe(cls: type, *, prefix: str = "") -> list[tuple[str, str, str]]:
         default = "(required)" if field.default is dataclasses.MISSING else repr(field.default)
         rows.append((prefix + field.metadata["env"], default, field.metadata["help"]))
     return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Settings every tier has, read with the tier's prefix (e.g. `EMBEDDER_GRPC_PORT`)."""
+
+    grpc_port: int = setting("GRPC_PORT", help="gRPC listen port (0 = any free port)", min=0, max=65535)
+    metrics_port: int = setting("METRICS_PORT", help="Prometheus /metrics port (0 = any)", min=0, max=65535)
+    host: str = setting("HOST", "127.0.0.1", help="address to bind gRPC and metrics to")
+    shutdown_grace_s: float = setting(
+        "SHUTDOWN_GRACE_S", 10.0, help="seconds in-flight RPCs get to finish on SIGTERM", min=0, max=300
+    )
+    max_message_mb: int = setting(
+        "MAX_MESSAGE_MB", 16, help="largest request or response, MiB", min=1, max=512
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowingConfig(ServerConfig):
+    """Settings of a tier that follows `latest` of its registry models (`<TIER>_STORE_URL`, ...)."""
+
+    store_url: str = setting(
+        "STORE_URL", "", help="redis:// URL for publish announcements; empty: periodic checks only"
+    )
+    check_interval_s: float = setting(
+        "CHECK_INTERVAL_S",
+        5.0,
+        help="seconds between checks of the registry's latest version (catches missed announcements)",
+        min=0.1,
+        max=3600,
+    )

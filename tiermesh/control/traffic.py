@@ -19,10 +19,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from tiermesh.envoy_config import RUNTIME_PREFIX, WEIGHT_SCALE
-from tiermesh.runner import ARMS, TIERS, Mesh, read_settings
-
-ARM_HEADER = "x-tiermesh-arm"
+from tiermesh.control.runner import Mesh
+from tiermesh.kit.topology import ARM_HEADER, ARMS, RUNTIME_PREFIX, TIERS, WEIGHT_SCALE, read_settings
 
 
 class TrafficError(RuntimeError):

@@ -24,7 +24,7 @@ latency 1.5x (--max-error-ratio, --max-p95-ratio); exit status 1 after a rollbac
 
 
 def _admin():
-    from tiermesh.traffic import EnvoyAdmin, admin_address
+    from tiermesh.control.traffic import EnvoyAdmin, admin_address
 
     return EnvoyAdmin(admin_address())
 
@@ -32,14 +32,14 @@ def _admin():
 def _experiments():
     import redis
 
-    from tiermesh.experiment import Experiments
-    from tiermesh.runner import Mesh, store_url
+    from tiermesh.control.experiment import Experiments
+    from tiermesh.control.runner import Mesh, store_url
 
     return Experiments(redis.Redis.from_url(store_url(), socket_timeout=5), _admin(), Mesh().state())
 
 
 def cmd_traffic(args: argparse.Namespace) -> int:
-    from tiermesh.traffic import parse_assignment, set_treatment, splits
+    from tiermesh.control.traffic import parse_assignment, set_treatment, splits
 
     admin = _admin()
     if args.traffic_command == "show":
@@ -59,7 +59,7 @@ def cmd_traffic(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from tiermesh.experiment import render
+    from tiermesh.control.experiment import render
 
     experiments = _experiments()
     action = args.experiment_command
@@ -99,7 +99,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from tiermesh.rollout import Guard, parse_duration, parse_steps, rollout
+    from tiermesh.control.rollout import Guard, parse_duration, parse_steps, rollout
 
     steps, hold = parse_steps(args.steps), parse_duration(args.hold)
     guard = Guard(args.max_error_ratio, args.max_p95_ratio, args.min_requests)
@@ -110,7 +110,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     try:
         outcome = rollout(_admin(), args.tier, steps, hold, guard, interval_s=args.interval, log=log)
     except KeyboardInterrupt:
-        from tiermesh.traffic import split_of
+        from tiermesh.control.traffic import split_of
 
         share = split_of(_admin(), args.tier).percent("treatment")
         log(

@@ -1,8 +1,9 @@
 """The generated stubs of the tiermesh contract, and the one command that regenerates them.
 
-Stubs live beside the kit at `tiermesh/<tier>/v1/` (mirroring the proto packages, so clients write
+Stubs live at `tiermesh/<tier>/v1/` (mirroring the proto packages, so clients write
 `from tiermesh.embedder.v1 import embedder_pb2_grpc`); those folders hold generated files only.
-`tiermesh protos generate` rewrites them from `protos/`; `--check` fails when they are stale.
+`tiermesh protos generate` rewrites them from `protos/`; `tiermesh protos check` fails when they
+are stale.
 """
 
 from __future__ import annotations
@@ -13,19 +14,30 @@ import shutil
 import tempfile
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+# The `tiermesh` package, which holds the stubs beside the kit and the control plane.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = PACKAGE_DIR.parent
 PROTO_ROOT = REPO_ROOT / "protos"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
 def generated_files(root: Path) -> dict[str, Path]:
-    """Generated stub files under `root/tiermesh`, keyed by path relative to `root`."""
+    """Generated stub files under `root/tiermesh`, keyed by path relative to `root`: protoc's
+    modules and the empty `__init__.py` of each stub package (`tiermesh/<tier>/`, `.../v1/`),
+    which make the stubs regular packages that the layer contracts can see."""
     found = {}
     for path in (root / "tiermesh").glob("*/v*/*"):
         if path.name.endswith(GENERATED_SUFFIXES):
             found[str(path.relative_to(root))] = path
+            for init in _package_inits(path):
+                if init.is_file():
+                    found[str(init.relative_to(root))] = init
     return found
+
+
+def _package_inits(stub: Path) -> tuple[Path, Path]:
+    """The `__init__.py` of a stub's version package and of its tier package."""
+    return stub.parent / "__init__.py", stub.parent.parent / "__init__.py"
 
 
 def load_all() -> None:
@@ -54,6 +66,9 @@ def _protoc(out_dir: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed (see the message above)")
+    for stub in list(generated_files(out_dir).values()):
+        for init in _package_inits(stub):
+            init.touch()
 
 
 def generate() -> list[str]:
@@ -62,7 +77,7 @@ def generate() -> list[str]:
         out = Path(scratch)
         _protoc(out)
         for stale in generated_files(REPO_ROOT).values():
-            stale.unlink()
+            stale.unlink(missing_ok=True)
         written = []
         for relative, path in generated_files(out).items():
             target = REPO_ROOT / relative

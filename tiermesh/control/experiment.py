@@ -27,9 +27,9 @@ from typing import Any
 
 import redis
 
-from tiermesh.abstats import BayesReadout, FrequentistReadout, bayes_binomial, frequentist_binomial
-from tiermesh.armstats import ArmCounts, snapshot, window
-from tiermesh.traffic import EnvoyAdmin, TrafficError, set_treatment, split_of
+from tiermesh.control.abstats import BayesReadout, FrequentistReadout, bayes_binomial, frequentist_binomial
+from tiermesh.control.armstats import ArmCounts, snapshot, window
+from tiermesh.control.traffic import EnvoyAdmin, TrafficError, set_treatment, split_of
 
 KEY_PREFIX = "tiermesh:experiments:"
 FEEDBACK_STREAM = "tiermesh:feedback"

