@@ -5,7 +5,9 @@ import grpc
 import pytest
 
 from services.gateway.config import GatewayConfig
-from services.gateway.rest import AdviceOut, _field, advice_json, create_app
+from services.gateway.rest import create_app
+from services.gateway.rest.errors import field_path
+from services.gateway.rest.protocol import AdviceOut, advice_json
 from services.gateway.tests.test_flow import ScriptedTiers, ask, failure
 from tiermesh.classifiers.v1 import classifiers_pb2
 from tiermesh.kit.testing import tier_config
@@ -32,10 +34,10 @@ async def test_the_json_answer_has_exactly_the_documented_shape(tiers):
 
 
 def test_the_fields_of_a_request_error_are_named_as_the_caller_wrote_them():
-    assert _field(("body", "messages", 0, "content")) == "messages[0].content"
-    assert _field(("body", "input", "list[str]", 3)) == "input[3]"
-    assert _field(("body", "options", "top_k")) == "options.top_k"
-    assert _field(("body",)) == ""
+    assert field_path(("body", "messages", 0, "content")) == "messages[0].content"
+    assert field_path(("body", "input", "list[str]", 3)) == "input[3]"
+    assert field_path(("body", "options", "top_k")) == "options.top_k"
+    assert field_path(("body",)) == ""
 
 
 def test_the_openapi_document_states_this_gateways_configured_limits():
