@@ -129,6 +129,19 @@ def evaluate(model: CreditModel, holdout: dict[str, np.ndarray]) -> dict[str, An
     }
 
 
+# XGBoost's settings for the credit model (the seed and threads are added per run).
+BOOSTING = {
+    "objective": "binary:logistic",
+    "eval_metric": "auc",
+    "max_depth": 4,
+    "eta": 0.05,
+    "subsample": 0.8,
+    "colsample_bytree": 0.8,
+    "min_child_weight": 5,
+    "tree_method": "hist",
+}
+
+
 def train(
     registry: Registry,
     *,
@@ -141,54 +154,12 @@ def train(
 ) -> ModelVersion:
     """Generate, train with early stopping, evaluate on held-out applications, publish."""
     import xgboost as xgb
-    from tqdm import tqdm
 
     data = synthetic.credit_applications(rows + holdout_rows, seed=seed)
     matrix = np.column_stack([data[name].astype(np.float64) for name in FEATURES])
-    target = data["defaulted"]
-    validation = rows // 10  # early stopping looks at the last tenth of the training rows
-    fit, check = slice(0, rows - validation), slice(rows - validation, rows)
-    dtrain = xgb.DMatrix(matrix[fit], label=target[fit], feature_names=list(FEATURES))
-    dcheck = xgb.DMatrix(matrix[check], label=target[check], feature_names=list(FEATURES))
-    settings = {
-        "objective": "binary:logistic",
-        "eval_metric": "auc",
-        "max_depth": 4,
-        "eta": 0.05,
-        "subsample": 0.8,
-        "colsample_bytree": 0.8,
-        "min_child_weight": 5,
-        "tree_method": "hist",
-        "seed": seed,
-        "nthread": 2,
-    }
-
-    class Progress(xgb.callback.TrainingCallback):
-        def __init__(self) -> None:
-            self.bar = tqdm(total=rounds, desc="credit: boosting", unit="tree")
-
-        def after_iteration(self, model: Any, epoch: int, evals_log: dict) -> bool:
-            self.bar.set_postfix(validation_auc=f"{evals_log['validation']['auc'][-1]:.4f}", refresh=False)
-            self.bar.update()
-            return False
-
-        def after_training(self, model: Any) -> Any:
-            self.bar.total = self.bar.n  # early stopping ended it
-            self.bar.close()
-            return model
-
-    booster = xgb.train(
-        settings,
-        dtrain,
-        num_boost_round=rounds,
-        evals=[(dcheck, "validation")],
-        early_stopping_rounds=40,
-        verbose_eval=False,
-        callbacks=[Progress()],
-    )
-    trees = booster.best_iteration + 1
-    booster = booster[:trees]
-
+    settings = {**BOOSTING, "seed": seed, "nthread": 2}
+    booster = boost(matrix[:rows], data["defaulted"][:rows], settings, rounds=rounds)
+    trees = booster.num_boosted_rounds()
     with tempfile.TemporaryDirectory(prefix="tiermesh-credit-") as scratch:
         staging = Path(scratch)
         booster.save_model(str(staging / MODEL_FILE))
@@ -223,6 +194,42 @@ def train(
             changelog=changelog or f"XGBoost, {trees} trees of depth 4 on {rows} synthetic applications",
             make_latest=make_latest,
         )
+
+
+def boost(matrix: np.ndarray, defaulted: np.ndarray, settings: dict[str, Any], *, rounds: int) -> Any:
+    """An XGBoost booster trained on `matrix`, early-stopped on its last tenth and cut to the best
+    round, with a progress bar of the rounds."""
+    import xgboost as xgb
+    from tqdm import tqdm
+
+    validation = len(matrix) - len(matrix) // 10
+    dtrain = xgb.DMatrix(matrix[:validation], label=defaulted[:validation], feature_names=list(FEATURES))
+    dcheck = xgb.DMatrix(matrix[validation:], label=defaulted[validation:], feature_names=list(FEATURES))
+
+    class Progress(xgb.callback.TrainingCallback):
+        def __init__(self) -> None:
+            self.bar = tqdm(total=rounds, desc="credit: boosting", unit="tree")
+
+        def after_iteration(self, model: Any, epoch: int, evals_log: dict) -> bool:
+            self.bar.set_postfix(validation_auc=f"{evals_log['validation']['auc'][-1]:.4f}", refresh=False)
+            self.bar.update()
+            return False
+
+        def after_training(self, model: Any) -> Any:
+            self.bar.total = self.bar.n  # early stopping ended it
+            self.bar.close()
+            return model
+
+    booster = xgb.train(
+        settings,
+        dtrain,
+        num_boost_round=rounds,
+        evals=[(dcheck, "validation")],
+        early_stopping_rounds=40,
+        verbose_eval=False,
+        callbacks=[Progress()],
+    )
+    return booster[: booster.best_iteration + 1]
 
 
 def write_holdout(

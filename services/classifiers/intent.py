@@ -193,37 +193,12 @@ def train(
     """Train, export, evaluate and publish a new version (live only with `make_latest`)."""
     import torch
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     embedder_version = served_model(registry)
     train_texts, train_labels = read_examples(data / "train.jsonl")
-    engine = OnnxEngine(embedder_version, spin_wait="on")
-    features = np.stack(
-        [
-            e.vector
-            for batch in tqdm(
-                [train_texts[i : i + 64] for i in range(0, len(train_texts), 64)],
-                desc="intent: embedding questions",
-                unit="batch",
-            )
-            for e in engine.embed(batch)
-        ]
-    )
-    engine.close()
+    inputs = torch.from_numpy(embed_questions(embedder_version, train_texts))
     targets = torch.tensor([LABELS.index(label) for label in train_labels])
-    inputs = torch.from_numpy(features)
-
-    torch.manual_seed(seed)
-    head = build_head(inputs.shape[1], len(LABELS), hidden)
-    optimiser = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
-    loss_function = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
-    head.train()
-    for _ in tqdm(range(epochs), desc="intent: training head", unit="epoch"):
-        optimiser.zero_grad()
-        loss = loss_function(head(inputs), targets)
-        loss.backward()
-        optimiser.step()
-    head.eval()
+    head = fit_head(inputs, targets, hidden=hidden, epochs=epochs, seed=seed)
 
     with tempfile.TemporaryDirectory(prefix="tiermesh-intent-") as scratch:
         staging = Path(scratch)
@@ -264,6 +239,42 @@ def train(
             or f"MiniLM features + MLP head ({hidden} hidden) on {len(train_texts)} questions, seed {seed}",
             make_latest=make_latest,
         )
+
+
+def embed_questions(embedder: ModelVersion, texts: list[str]) -> np.ndarray:
+    """The MiniLM features of `texts` (the head's inputs), with a progress bar of batches."""
+    from tqdm import tqdm
+
+    engine = OnnxEngine(embedder, spin_wait="on")
+    batches = [texts[i : i + 64] for i in range(0, len(texts), 64)]
+    try:
+        return np.stack(
+            [
+                e.vector
+                for batch in tqdm(batches, desc="intent: embedding questions", unit="batch")
+                for e in engine.embed(batch)
+            ]
+        )
+    finally:
+        engine.close()
+
+
+def fit_head(inputs: Any, targets: Any, *, hidden: int, epochs: int, seed: int) -> Any:
+    """The MLP head trained full-batch on the features (seeded: the same data gives the same head)."""
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    head = build_head(inputs.shape[1], len(LABELS), hidden)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+    loss_function = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
+    head.train()
+    for _ in tqdm(range(epochs), desc="intent: training head", unit="epoch"):
+        optimiser.zero_grad()
+        loss = loss_function(head(inputs), targets)
+        loss.backward()
+        optimiser.step()
+    return head.eval()
 
 
 def export_head(head: Any, dimension: int, target: Path) -> None:

@@ -77,12 +77,9 @@ def _check_count(count: int) -> None:
         raise ValueError(f"count must be >= 0, got {count}")
 
 
-def credit_applications(count: int, *, seed: int) -> dict[str, np.ndarray]:
-    """Columns: every CREDIT_FEATURES name (float64 except term_months, credit_score, delinquencies_2y,
-    open_accounts which are int64), "sex" (numpy str array), "defaulted" (int64 0/1)."""
-    _check_count(count)
-    rng = np.random.default_rng(seed)
-
+def _applicants(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
+    """Who applies: sex, tenure, income, score and credit history, drawn in a fixed order (the
+    seed decides every row)."""
     female = rng.random(count) < 0.5
     sex = np.where(female, "female", "male")
 
@@ -122,6 +119,31 @@ def credit_applications(count: int, *, seed: int) -> dict[str, np.ndarray]:
 
     open_accounts = rng.poisson(np.clip(6.5 + 0.05 * (age - 21.0) + 0.8 * z_income, 1.0, None))
     open_accounts = open_accounts.astype(np.int64)
+    return {
+        "sex": sex,
+        "employment_years": employment_years,
+        "annual_income": annual_income,
+        "z_income": z_income,
+        "z_employment": z_employment,
+        "credit_score": credit_score,
+        "debt_to_income": debt_to_income,
+        "credit_utilization": credit_utilization,
+        "delinquencies_2y": delinquencies_2y,
+        "open_accounts": open_accounts,
+    }
+
+
+def credit_applications(count: int, *, seed: int) -> dict[str, np.ndarray]:
+    """Columns: every CREDIT_FEATURES name (float64 except term_months, credit_score, delinquencies_2y,
+    open_accounts which are int64), "sex" (numpy str array), "defaulted" (int64 0/1)."""
+    _check_count(count)
+    rng = np.random.default_rng(seed)
+    applicant = _applicants(rng, count)
+    annual_income, credit_score = applicant["annual_income"], applicant["credit_score"]
+    z_income, z_employment = applicant["z_income"], applicant["z_employment"]
+    z_score = (credit_score - 690.0) / 70.0
+    debt_to_income, credit_utilization = applicant["debt_to_income"], applicant["credit_utilization"]
+    delinquencies_2y = applicant["delinquencies_2y"]
 
     # Loan: 5%-60% of income (skewed small), in $500 steps within the product's $1k-$100k.
     loan_share = 0.05 + 0.55 * rng.beta(2.0, 4.5, count)
@@ -156,11 +178,11 @@ def credit_applications(count: int, *, seed: int) -> dict[str, np.ndarray]:
         "term_months": term_months,
         "debt_to_income": debt_to_income.astype(np.float64),
         "credit_score": credit_score,
-        "employment_years": employment_years.astype(np.float64),
+        "employment_years": applicant["employment_years"].astype(np.float64),
         "delinquencies_2y": delinquencies_2y,
         "credit_utilization": credit_utilization.astype(np.float64),
-        "open_accounts": open_accounts,
-        PROTECTED_ATTRIBUTE: sex,
+        "open_accounts": applicant["open_accounts"],
+        PROTECTED_ATTRIBUTE: applicant["sex"],
         "defaulted": defaulted,
     }
 
@@ -316,12 +338,38 @@ def _transactions_with_kinds(
     if not 0.0 <= anomaly_rate <= 1.0:
         raise ValueError(f"anomaly_rate must lie in [0, 1], got {anomaly_rate}")
     rng = np.random.default_rng(seed)
-    names = np.asarray(CATEGORIES)
+    spend = _everyday_spend(rng, count)
+
+    # Anomalies: an exact share of rows, at random positions, each of one kind.
+    n_anomalies = round(count * anomaly_rate)
+    anomalous = rng.choice(count, size=n_anomalies, replace=False)
+    is_anomaly = np.zeros(count, dtype=np.int64)
+    is_anomaly[anomalous] = 1
+    kind = rng.choice(len(_ANOMALY_KIND_SHARES), size=n_anomalies, p=_ANOMALY_KIND_SHARES)
+    _inject_anomalies(rng, spend, anomalous, kind)
+
+    names, category = np.asarray(CATEGORIES), spend["category"]
+    kinds = np.full(count, -1, dtype=np.int64)
+    kinds[anomalous] = kind
+    columns = {
+        "amount": np.maximum(np.round(spend["amount"], 2), 0.01).astype(np.float64),
+        "merchant": _merchants(rng, names[category]),
+        "category": names[category],
+        "hour": spend["hour"].astype(np.int64),
+        "customer_usual_amount": np.maximum(spend["usual_amount"], 0.01).astype(np.float64),
+        "transactions_last_24h": spend["velocity"],
+        "is_anomaly": is_anomaly,
+    }
+    return columns, kinds
+
+
+def _everyday_spend(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
+    """Normal card spend: each row's category index, amount, hour, 24-hour velocity and the
+    customer's usual ticket."""
     mix = np.array([_CATEGORY_MIX[name] for name in CATEGORIES])
     mix /= mix.sum()
     scale = np.array([_CATEGORY_SCALE[name] for name in CATEGORIES])
     spread = np.array([_CATEGORY_SPREAD.get(name, 0.4) for name in CATEGORIES])
-    risky = np.array([CATEGORIES.index(name) for name in _RISKY_CATEGORIES])
 
     # Customers: a usual ticket size, a habitual pace, and a handful of home categories.
     customers = max(1, count // 25)
@@ -338,41 +386,47 @@ def _transactions_with_kinds(
     )
     usual_amount = usual[customer]
     amount = usual_amount * scale[category] * np.exp(rng.normal(0.0, spread[category]))
-    hour = _normal_hours(rng, names[category])
+    hour = _normal_hours(rng, np.asarray(CATEGORIES)[category])
     velocity = rng.poisson(pace[customer]).astype(np.int64)
+    return {
+        "category": category,
+        "amount": amount,
+        "hour": hour,
+        "velocity": velocity,
+        "usual_amount": usual_amount,
+    }
 
-    # Anomalies: an exact share of rows, at random positions, each of one kind.
-    n_anomalies = round(count * anomaly_rate)
-    anomalous = rng.choice(count, size=n_anomalies, replace=False)
-    is_anomaly = np.zeros(count, dtype=np.int64)
-    is_anomaly[anomalous] = 1
-    kind = rng.choice(len(_ANOMALY_KIND_SHARES), size=n_anomalies, p=_ANOMALY_KIND_SHARES)
 
-    def pick(k: int) -> np.ndarray:
-        return anomalous[kind == k]
+def _inject_anomalies(
+    rng: np.random.Generator, spend: dict[str, np.ndarray], anomalous: np.ndarray, kind: np.ndarray
+) -> None:
+    """Rewrite the `anomalous` rows of `spend` in place, each as its kind of fraud."""
+    category, amount, hour, velocity = (spend[k] for k in ("category", "amount", "hour", "velocity"))
+    scale = np.array([_CATEGORY_SCALE[name] for name in CATEGORIES])
+    risky = np.array([CATEGORIES.index(name) for name in _RISKY_CATEGORIES])
 
     def typical(rows: np.ndarray) -> np.ndarray:
-        return usual_amount[rows] * scale[category[rows]]
+        return spend["usual_amount"][rows] * scale[category[rows]]
 
     def log_uniform(low: float, high: float, size: int) -> np.ndarray:
         return np.exp(rng.uniform(np.log(low), np.log(high), size))
 
     # 0: a blown-up amount, 5-50x what this category usually costs this customer, at an ordinary hour.
     # Most move to goods or cash that resell or move easily; the rest stay where they were.
-    rows = pick(0)
+    rows = anomalous[kind == 0]
     moved = rng.random(rows.size) < 0.8
     category[rows] = np.where(moved, rng.choice(risky, size=rows.size), category[rows])
     amount[rows] = typical(rows) * log_uniform(5.0, 50.0, rows.size)
 
     # 1: a night-time (1-5 am) purchase in a risky category, at 3-12x the usual.
-    rows = pick(1)
+    rows = anomalous[kind == 1]
     category[rows] = rng.choice(risky, size=rows.size)
     hour[rows] = rng.choice(_NIGHT_HOURS, size=rows.size)
     amount[rows] = typical(rows) * log_uniform(3.0, 12.0, rows.size)
 
     # 2: a velocity burst of 10-40 transactions in 24 hours: half card testing (a stolen number tried
     # with $0.50-$5 online charges), half a spree at 1.5-4x the usual in shops and risky categories.
-    rows = pick(2)
+    rows = anomalous[kind == 2]
     velocity[rows] = rng.integers(10, 41, rows.size)
     testing = rng.random(rows.size) < 0.5
     online = np.array([CATEGORIES.index(name) for name in ("shopping", "subscriptions", "entertainment")])
@@ -383,33 +437,20 @@ def _transactions_with_kinds(
     )
 
     # 3: the full takeover: large, at night, in a risky category, and fast.
-    rows = pick(3)
+    rows = anomalous[kind == 3]
     category[rows] = rng.choice(risky, size=rows.size)
     hour[rows] = rng.choice(_NIGHT_HOURS, size=rows.size)
     amount[rows] = typical(rows) * log_uniform(5.0, 30.0, rows.size)
     velocity[rows] = rng.integers(8, 31, rows.size)
 
     # 4: subtle: 2.5-5x the usual in a risky category, at the edge of the night, a little busier.
-    rows = pick(4)
+    rows = anomalous[kind == 4]
     category[rows] = rng.choice(risky, size=rows.size)
     hour[rows] = rng.choice(np.array([0, 5, 6, 23]), size=rows.size)
     amount[rows] = typical(rows) * rng.uniform(2.5, 5.0, rows.size)
     velocity[rows] = velocity[rows] + rng.integers(1, 4, rows.size)
 
     # 5: subtle: a modest burst (7-12 in a day) at 2-4x the usual, in any category at any hour.
-    rows = pick(5)
+    rows = anomalous[kind == 5]
     velocity[rows] = rng.integers(7, 13, rows.size)
     amount[rows] = typical(rows) * rng.uniform(2.0, 4.0, rows.size)
-
-    kinds = np.full(count, -1, dtype=np.int64)
-    kinds[anomalous] = kind
-    columns = {
-        "amount": np.maximum(np.round(amount, 2), 0.01).astype(np.float64),
-        "merchant": _merchants(rng, names[category]),
-        "category": names[category],
-        "hour": hour.astype(np.int64),
-        "customer_usual_amount": np.maximum(usual_amount, 0.01).astype(np.float64),
-        "transactions_last_24h": velocity,
-        "is_anomaly": is_anomaly,
-    }
-    return columns, kinds

@@ -94,58 +94,22 @@ def traces_address(settings: Mapping[str, str]) -> tuple[str, str] | None:
 
 def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIERS) -> str:
     """The Envoy config for these ports, tiers and arms, from the templates in envoy/."""
-    host = settings.get("TIERS_HOST", "127.0.0.1")
     listen_host = settings.get("ENVOY_LISTEN_HOST", "127.0.0.1")
     traces = traces_address(settings)
     tracing = _fill("tracing.yaml.tmpl", {}) if traces else ""
     routes, health_routes, clusters, rest_listeners = [], [], [], []
     for tier in tiers:
         tier_arms = arms(settings, tier)
+        destination = textwrap.indent(_destination(tier, tier_arms), " " * 4)
         routes.append(
-            _fill(
-                "route.yaml.tmpl",
-                {
-                    "TIER": tier.name,
-                    "PACKAGE": tier.package,
-                    "DESTINATION": textwrap.indent(_destination(tier, tier_arms), " " * 4),
-                },
-            )
+            _fill("route.yaml.tmpl", {"TIER": tier.name, "PACKAGE": tier.package, "DESTINATION": destination})
         )
         for arm in tier_arms:
-            # compose: the treatment is its own service, `<tier>-treatment`
-            default_host = settings.get(f"{tier.prefix}ROUTE_HOST", host)
-            arm_host = (
-                default_host
-                if arm == "control"
-                else settings.get(f"{tier.prefix}TREATMENT_ROUTE_HOST", default_host)
-            )
-            values = {
-                "CLUSTER": cluster_name(tier, arm),
-                "SERVICE": tier.service,
-                "ENDPOINTS": _endpoints(arm_host, replica_ports(settings, tier, "GRPC", arm)),
-            }
-            health_routes.append(_fill("health_route.yaml.tmpl", values))
-            clusters.append(_fill("cluster.yaml.tmpl", values))
-            if tier.rest:
-                rest_ports = replica_ports(settings, tier, "HTTP", arm)
-                clusters.append(
-                    _fill("rest_cluster.yaml.tmpl", {**values, "ENDPOINTS": _endpoints(arm_host, rest_ports)})
-                )
+            health, *arm_clusters = _arm_clusters(settings, tier, arm)
+            health_routes.append(health)
+            clusters.extend(arm_clusters)
         if tier.rest:
-            if not settings.get("ENVOY_HTTP_PORT"):
-                raise TopologyError(f"ENVOY_HTTP_PORT: required to serve the {tier.name} tier's REST API")
-            rest_listeners.append(
-                _fill(
-                    "rest_listener.yaml.tmpl",
-                    {
-                        "TIER": tier.name,
-                        "ENVOY_LISTEN_HOST": listen_host,
-                        "ENVOY_HTTP_PORT": settings["ENVOY_HTTP_PORT"],
-                        "TRACING": textwrap.indent(tracing, " " * 12),
-                        "DESTINATION": textwrap.indent(_destination(tier, tier_arms, "_rest"), " " * 24),
-                    },
-                )
-            )
+            rest_listeners.append(_rest_listener(settings, tier, tier_arms, tracing))
     traces_cluster = ""
     if traces:
         traces_cluster = _fill(
@@ -162,6 +126,43 @@ def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIER
             "CLUSTERS": textwrap.indent("\n".join(clusters), " " * 4),
             "REST_LISTENERS": textwrap.indent("\n".join(rest_listeners), " " * 4),
             "TRACES_CLUSTER": textwrap.indent(traces_cluster, " " * 4),
+        },
+    )
+
+
+def _arm_clusters(settings: Mapping[str, str], tier: TierSpec, arm: str) -> list[str]:
+    """One deployment's health route, then its gRPC cluster (and REST cluster, for the gateway)."""
+    # compose: the treatment is its own service, `<tier>-treatment`
+    default_host = settings.get(f"{tier.prefix}ROUTE_HOST", settings.get("TIERS_HOST", "127.0.0.1"))
+    host = (
+        default_host if arm == "control" else settings.get(f"{tier.prefix}TREATMENT_ROUTE_HOST", default_host)
+    )
+    values = {
+        "CLUSTER": cluster_name(tier, arm),
+        "SERVICE": tier.service,
+        "ENDPOINTS": _endpoints(host, replica_ports(settings, tier, "GRPC", arm)),
+    }
+    rendered = [_fill("health_route.yaml.tmpl", values), _fill("cluster.yaml.tmpl", values)]
+    if tier.rest:
+        rest_endpoints = _endpoints(host, replica_ports(settings, tier, "HTTP", arm))
+        rendered.append(_fill("rest_cluster.yaml.tmpl", {**values, "ENDPOINTS": rest_endpoints}))
+    return rendered
+
+
+def _rest_listener(
+    settings: Mapping[str, str], tier: TierSpec, tier_arms: tuple[str, ...], tracing: str
+) -> str:
+    """The HTTP listener in front of a tier's REST API (the gateway's)."""
+    if not settings.get("ENVOY_HTTP_PORT"):
+        raise TopologyError(f"ENVOY_HTTP_PORT: required to serve the {tier.name} tier's REST API")
+    return _fill(
+        "rest_listener.yaml.tmpl",
+        {
+            "TIER": tier.name,
+            "ENVOY_LISTEN_HOST": settings.get("ENVOY_LISTEN_HOST", "127.0.0.1"),
+            "ENVOY_HTTP_PORT": settings["ENVOY_HTTP_PORT"],
+            "TRACING": textwrap.indent(tracing, " " * 12),
+            "DESTINATION": textwrap.indent(_destination(tier, tier_arms, "_rest"), " " * 24),
         },
     )
 

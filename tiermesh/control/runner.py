@@ -200,30 +200,43 @@ class Mesh:
             raise
 
     def _up(self, tiers: tuple[TierSpec, ...], progress: Callable[[str], None]) -> dict[str, Any]:
-        s = self.settings
+        """Start the store, every deployment of `tiers`, the trace sink and Envoy, then wait for
+        them in that order; `state` (saved after each start) is what `down` will stop."""
         state: dict[str, Any] = {}
+        store_url = self._up_store(state, progress)
+        env = self._tier_environment()
+        for tier in tiers:
+            for arm in arms(self.settings, tier):
+                self._up_deployment(state, tier, arm, env, store_url, progress)
+        self._up_envoy(state, tiers, env, progress)
+        self._await_serving(state, tiers, progress)
+        return self.status()
 
-        def process(name: str) -> dict[str, Any]:
-            """wait_until's view of a started component: whether it runs, and its log."""
-            component = state[name]
+    def _watch(self, state: dict[str, Any], name: str) -> dict[str, Any]:
+        """wait_until's view of a started component: whether it still runs, and its log."""
+        component = state[name]
 
-            def alive() -> bool:
-                return _pid_alive(component["pid"], component["marker"])
+        def alive() -> bool:
+            return _pid_alive(component["pid"], component["marker"])
 
-            return {"alive": alive, "log": component.get("log", "")}
+        return {"alive": alive, "log": component.get("log", "")}
 
+    def _up_store(self, state: dict[str, Any], progress: Callable[[str], None]) -> str:
+        """The store named by REDIS_URL, or a valkey-server of the mesh's own; returns its URL."""
         if self.environ.get("REDIS_URL"):
             state["store"] = {"url": self.environ["REDIS_URL"], "external": True}
             progress(f"store: using REDIS_URL {self.environ['REDIS_URL']}")
         else:
-            state["store"] = self._start_store(int(s["STORE_PORT"]))
-            progress(f"store: started valkey-server on 127.0.0.1:{s['STORE_PORT']}")
+            state["store"] = self._start_store(int(self.settings["STORE_PORT"]))
+            progress(f"store: started valkey-server on 127.0.0.1:{self.settings['STORE_PORT']}")
         self._save(state)
-        store_url = state["store"]["url"]
+        return state["store"]["url"]
 
-        base_env = {
+    def _tier_environment(self) -> dict[str, str]:
+        """What every tier process gets: the settings and where the mesh's state lives."""
+        return {
             **self.environ,
-            **s,
+            **self.settings,
             "TIERMESH_HOME": str(self.home),
             "TIERMESH_MODELS": self.environ.get("TIERMESH_MODELS") or str(self.home / "models"),
             "TIERMESH_TRACES_FILE": self.environ.get(
@@ -232,86 +245,78 @@ class Mesh:
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        envoy_address = f"127.0.0.1:{s['ENVOY_GRPC_PORT']}"
-        for tier in tiers:
-            for arm in arms(s, tier):
-                overrides = (treatment_overrides(s, tier) or {}) if arm == "treatment" else {}
-                ports = {kind: replica_ports(s, tier, kind, arm) for kind in tier.port_kinds()}
-                for index in range(replicas(s, tier, arm)):
-                    name = replica_name(tier, index, arm)
-                    env = {
-                        **base_env,
-                        # each tier finds the others through Envoy, and the store for caches/announcements
-                        f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
-                        f"{tier.prefix}STORE_URL": self.environ.get(f"{tier.prefix}STORE_URL", store_url),
-                        **{
-                            f"{tier.prefix}{other.name.upper()}_TARGET": envoy_address
-                            for other in TIERS
-                            if other != tier
-                        },
-                        **overrides,
-                        **{f"{tier.prefix}{kind}_PORT": str(p[index]) for kind, p in ports.items()},
-                        "TIERMESH_ARM": arm,
-                        "TIERMESH_REPLICA": name,
-                    }
-                    argv = [sys.executable, "-m", tier.module]
-                    if arm != "control" and index == 0:
-                        differs = " ".join(f"{k}={v}" for k, v in overrides.items())
-                        progress(f"{tier.name} {arm}: {differs or 'the control settings (an A/A test)'}")
-                    state[name] = {
-                        **self._spawn(name, argv, env, tier.module),
-                        "tier": tier.name,
-                        "arm": arm,
-                        "grpc": f"127.0.0.1:{ports['GRPC'][index]}",
-                        "metrics": f"127.0.0.1:{ports['METRICS'][index]}",
-                        "service": tier.service,
-                    }
-                    if tier.rest:
-                        state[name]["http"] = f"127.0.0.1:{ports['HTTP'][index]}"
-                    self._save(state)
-                    progress(f"{name}: started (pid {state[name]['pid']}), loading its model")
 
+    def _up_deployment(
+        self,
+        state: dict[str, Any],
+        tier: TierSpec,
+        arm: str,
+        env: Mapping[str, str],
+        store_url: str,
+        progress: Callable[[str], None],
+    ) -> None:
+        """Start every replica of one arm of `tier` on its own ports."""
+        s = self.settings
+        overrides = (treatment_overrides(s, tier) or {}) if arm == "treatment" else {}
+        if arm != "control":
+            differs = " ".join(f"{k}={v}" for k, v in overrides.items())
+            progress(f"{tier.name} {arm}: {differs or 'the control settings (an A/A test)'}")
+        ports = {kind: replica_ports(s, tier, kind, arm) for kind in tier.port_kinds()}
+        envoy_address = f"127.0.0.1:{s['ENVOY_GRPC_PORT']}"
+        for index in range(replicas(s, tier, arm)):
+            name = replica_name(tier, index, arm)
+            replica_env = {
+                **env,
+                # each tier finds the others through Envoy, and the store for caches/announcements
+                f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
+                f"{tier.prefix}STORE_URL": self.environ.get(f"{tier.prefix}STORE_URL", store_url),
+                **{
+                    f"{tier.prefix}{other.name.upper()}_TARGET": envoy_address
+                    for other in TIERS
+                    if other != tier
+                },
+                **overrides,
+                **{f"{tier.prefix}{kind}_PORT": str(p[index]) for kind, p in ports.items()},
+                "TIERMESH_ARM": arm,
+                "TIERMESH_REPLICA": name,
+            }
+            addresses = {kind.lower(): f"127.0.0.1:{p[index]}" for kind, p in ports.items()}
+            state[name] = {
+                **self._spawn(name, [sys.executable, "-m", tier.module], replica_env, tier.module),
+                **{"tier": tier.name, "arm": arm, "service": tier.service, **addresses},
+            }
+            self._save(state)
+            progress(f"{name}: started (pid {state[name]['pid']}), loading its model")
+
+    def _up_envoy(
+        self,
+        state: dict[str, Any],
+        tiers: tuple[TierSpec, ...],
+        env: Mapping[str, str],
+        progress: Callable[[str], None],
+    ) -> None:
+        """The trace sink when Envoy's spans need one, then Envoy with a freshly rendered config."""
+        s = self.settings
         envoy_settings = dict(s)
-        if self._sink_wanted(base_env):
-            state["otlp-sink"] = self._start_sink(
-                int(s["OTLP_SINK_PORT"]), Path(base_env["TIERMESH_TRACES_FILE"])
-            )
+        if self._sink_wanted(env):
+            state["otlp-sink"] = self._start_sink(int(s["OTLP_SINK_PORT"]), Path(env["TIERMESH_TRACES_FILE"]))
             self._save(state)
             wait_until(
                 lambda: grpc_health(state["otlp-sink"]["grpc"]) == "SERVING",
                 timeout=15,
                 what="otlp-sink",
-                **process("otlp-sink"),
+                **self._watch(state, "otlp-sink"),
             )
-            progress(f"otlp-sink: Envoy's spans go to {base_env['TIERMESH_TRACES_FILE']}")
+            progress(f"otlp-sink: Envoy's spans go to {env['TIERMESH_TRACES_FILE']}")
         else:
             envoy_settings.pop("OTLP_SINK_PORT", None)
         config_path = self.run_dir / "envoy.yaml"
         write_checked(render_envoy({**self.environ, **envoy_settings}, tiers), config_path)
-        envoy = [envoy_binary()]
+        argv = [sys.executable, "-m", "tiermesh.control.supervise", envoy_binary(), "-c", str(config_path)]
+        argv += ["--use-dynamic-base-id", "--drain-time-s", "2", "--log-level", "info"]
+        argv += ["--service-cluster", "tiermesh", "--service-node", "local"]
         state["envoy"] = {
-            **self._spawn(
-                "envoy",
-                [
-                    sys.executable,
-                    "-m",
-                    "tiermesh.control.supervise",
-                    *envoy,
-                    "-c",
-                    str(config_path),
-                    "--use-dynamic-base-id",
-                    "--drain-time-s",
-                    "2",
-                    "--log-level",
-                    "info",
-                    "--service-cluster",
-                    "tiermesh",
-                    "--service-node",
-                    "local",
-                ],
-                self.environ,
-                str(config_path),
-            ),
+            **self._spawn("envoy", argv, self.environ, str(config_path)),
             "grpc": f"127.0.0.1:{s['ENVOY_GRPC_PORT']}",
             "admin": f"127.0.0.1:{s['ENVOY_ADMIN_PORT']}",
             "metrics": f"127.0.0.1:{s['ENVOY_METRICS_PORT']}",
@@ -320,48 +325,53 @@ class Mesh:
             state["envoy"]["http"] = f"127.0.0.1:{s['ENVOY_HTTP_PORT']}"
         self._save(state)
 
+    def _await_serving(
+        self, state: dict[str, Any], tiers: tuple[TierSpec, ...], progress: Callable[[str], None]
+    ) -> None:
+        """Wait for the store, Envoy, then every replica directly and every cluster through Envoy."""
         if not state["store"].get("external"):
+            url = state["store"]["url"]
             wait_until(
-                lambda: store_ping(store_url) == "SERVING", timeout=15, what="store", **process("store")
+                lambda: store_ping(url) == "SERVING", timeout=15, what="store", **self._watch(state, "store")
             )
+        envoy = state["envoy"]
         wait_until(
-            lambda: envoy_ready(state["envoy"]["admin"]) == "LIVE",
+            lambda: envoy_ready(envoy["admin"]) == "LIVE",
             timeout=30,
             what="envoy",
-            **process("envoy"),
+            **self._watch(state, "envoy"),
         )
-        progress(f"envoy: listening on {state['envoy']['grpc']} (admin {state['envoy']['admin']})")
+        progress(f"envoy: listening on {envoy['grpc']} (admin {envoy['admin']})")
         for tier in tiers:
-            for arm in arms(s, tier):
-                for index in range(replicas(s, tier, arm)):
+            for arm in arms(self.settings, tier):
+                for index in range(replicas(self.settings, tier, arm)):
                     name = replica_name(tier, index, arm)
                     component = state[name]
                     wait_until(
                         lambda c=component, t=tier: grpc_health(c["grpc"], t.service) == "SERVING",
                         timeout=tier.load_timeout_s,
                         what=name,
-                        **process(name),
+                        **self._watch(state, name),
                     )
                     progress(
                         f"{name}: SERVING at {component['grpc']} (metrics http://{component['metrics']}/metrics)"
                     )
                 wait_until(
                     lambda t=tier, a=arm: (
-                        grpc_health(state["envoy"]["grpc"], t.service, tier=cluster_name(t, a)) == "SERVING"
+                        grpc_health(envoy["grpc"], t.service, tier=cluster_name(t, a)) == "SERVING"
                     ),
                     timeout=15,
                     what=f"{cluster_name(tier, arm)} through envoy",
-                    **process("envoy"),
+                    **self._watch(state, "envoy"),
                 )
             if tier.rest:
                 wait_until(
-                    lambda: http_status(f"http://{state['envoy']['http']}/healthz") == 200,
+                    lambda: http_status(f"http://{envoy['http']}/healthz") == 200,
                     timeout=15,
                     what=f"{tier.name} REST API through envoy",
-                    **process("envoy"),
+                    **self._watch(state, "envoy"),
                 )
-                progress(f"{tier.name}: REST API at http://{state['envoy']['http']} (docs at /docs)")
-        return self.status()
+                progress(f"{tier.name}: REST API at http://{envoy['http']} (docs at /docs)")
 
     def _sink_wanted(self, env: Mapping[str, str]) -> bool:
         """Run the OTLP sink when tiers write spans to the trace file (Envoy can only send OTLP)."""
