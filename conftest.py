@@ -12,6 +12,19 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _SPANS = InMemorySpanExporter()
+# Fixtures that start a process of their own: a test using one is an integration test.
+PROCESS_FIXTURES = frozenset({"store_url", "llm_server", "mesh"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test is in exactly one lane, `unit` or `integration` (docs/testing.md)."""
+    for item in items:
+        if item.get_closest_marker("integration") is None and PROCESS_FIXTURES.intersection(
+            getattr(item, "fixturenames", ())
+        ):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

@@ -97,3 +97,46 @@ def test_rendered_envoy_config_is_accepted_by_envoy(tmp_path):
     from tiermesh.kit.topology import read_settings
 
     write_checked(render_envoy(read_settings()), tmp_path / "envoy.yaml")
+
+
+def _main_ref() -> str:
+    """The main branch (a clone's own, else its remote's); a checkout of main without either
+    compares with its HEAD, which is main."""
+    for ref in ("refs/heads/main", "refs/remotes/origin/main", "HEAD"):
+        found = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", ref],
+            cwd=contract.REPO_ROOT,
+            capture_output=True,
+            check=False,
+        )
+        if found.returncode == 0:
+            return ref
+    raise AssertionError("buf breaking compares against the main branch: run from a git clone")
+
+
+def test_buf_breaking_passes_against_the_main_branch():
+    """No change to the protos breaks a client of main's (buf's FILE rules)."""
+    result = subprocess.run(
+        [_buf(), "breaking", "--against", f".git#ref={_main_ref()}"],
+        cwd=contract.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_breaking_catches_a_deleted_field(tmp_path):
+    """The check above can fail: deleting a field of main's protos is reported."""
+    shutil.copytree(contract.PROTO_ROOT, tmp_path / "protos")
+    shutil.copy(contract.REPO_ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    proto = tmp_path / "protos" / "tiermesh" / "embedder" / "v1" / "embedder.proto"
+    proto.write_text(proto.read_text().replace("  string text = 1;", "  reserved 1;", 1))
+    result = subprocess.run(
+        [_buf(), "breaking", "--against", str(contract.REPO_ROOT)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0 and 'field "1" with name "text"' in result.stdout, result.stdout

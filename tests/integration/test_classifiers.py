@@ -103,6 +103,7 @@ def serving_anomaly(status: dict, name: str) -> str:
         return stub.DetectAnomaly(CALLS[3][1], timeout=5).model.version
 
 
+@pytest.mark.slow
 def test_train_then_publish_and_rollback_under_load_fail_no_call(
     tmp_path, classifier_models, embedding_model
 ):

@@ -605,6 +605,7 @@ parameters = {{ "body.response_id" = "{answered.json()["response_id"]}" }}
     assert " passed" in result.stdout, result.stdout
 
 
+@pytest.mark.slow
 def test_personal_data_in_questions_never_reaches_the_gateway_log(api, status):
     email, phone, account = "jane.doe@example.com", "(415) 555-0134", "4111 1111 1111 1111"
     question = f"My email is {email}, call {phone}; why was card {account} declined for a recipe?"

@@ -120,6 +120,7 @@ async def test_a_request_out_of_time_names_the_hop_that_ran_out(status):
     assert elapsed < 5
 
 
+@pytest.mark.slow
 async def test_tiers_stopped_one_by_one_degrade_or_fail_by_name(degraded_mesh, status, api):
     running, _ = degraded_mesh
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 from tiermesh.control.probes import grpc_health
 from tiermesh.control.testing import mesh_environ, tier_process
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.kit.testing import run_cli
+from tiermesh.kit.testing import free_port, run_cli
 from tiermesh.kit.topology import TIERS
 
 pytestmark = pytest.mark.integration
@@ -44,9 +45,23 @@ def test_bad_environment_variable_stops_start_up_with_one_line(tmp_path):
     ]
 
 
+def _in_flight(metrics_port: int, method: str) -> float:
+    """The tier's own count of `method` calls being handled now (tiermesh_rpc_in_flight)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    found = re.search(rf"^tiermesh_rpc_in_flight{{[^}}]*{method}[^}}]*}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_calls_then_exits(tmp_path, embedding_model):
     # A generous grace period: the test is about draining, not about how fast this host is.
-    with tier_process(EMBEDDER, tmp_path, EMBEDDER_MAX_BATCH_SIZE="8", EMBEDDER_SHUTDOWN_GRACE_S="180") as (
+    metrics_port = free_port()
+    settings = {"EMBEDDER_MAX_BATCH_SIZE": "8", "EMBEDDER_SHUTDOWN_GRACE_S": "180"}
+    with tier_process(EMBEDDER, tmp_path, EMBEDDER_METRICS_PORT=str(metrics_port), **settings) as (
         process,
         address,
     ):
@@ -63,7 +78,12 @@ def test_sigterm_drains_in_flight_calls_then_exits(tmp_path, embedding_model):
 
         caller = threading.Thread(target=slow_call)
         caller.start()
-        time.sleep(0.5)
+        # SIGTERM only once the tier itself counts the call as in flight (a fixed sleep raced a
+        # busy host: the call could still be connecting, and a draining server refuses new calls).
+        deadline = time.monotonic() + 60
+        while _in_flight(metrics_port, "EmbedBatch") < 1 and caller.is_alive():
+            assert time.monotonic() < deadline, "the call never reached the tier"
+            time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         time.sleep(0.3)
@@ -83,6 +103,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_cli_up_outlives_its_command_and_down_stops_everything(
     tmp_path, embedding_model, knowledge_index, language_model, classifier_models, bias_text_model
 ):

@@ -150,6 +150,7 @@ def wait_for_replicas(status: dict, version: str, timeout: float = 20.0) -> floa
     return time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_publish_and_rollback_under_load_fail_no_request(tmp_path, swap_registry, embedding_model):
     registry, first, second = swap_registry
     # A long periodic check: the switch must come from the announcement on the store.

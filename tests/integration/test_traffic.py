@@ -60,6 +60,7 @@ def arms_of(stub, users: list[str]) -> dict[str, str]:
 USERS = [f"user-{i}" for i in range(10_000)]
 
 
+@pytest.mark.slow
 def test_ten_thousand_users_split_as_weighted_stay_put_and_only_move_forward(admin, stub):
     set_treatment(admin, "bias", 30)
     first = arms_of(stub, USERS)
@@ -127,6 +128,7 @@ def test_a_shift_under_concurrent_load_drops_no_request(admin, stub):
     assert served["control"] > 50 and served["treatment"] > 50
 
 
+@pytest.mark.slow
 def test_an_experiment_reads_out_both_arms_and_keeps_the_failing_treatments_control(ab_mesh, admin, stub):
     env = ab_mesh[0].environ
     assert run_cli(env, "experiment", "report", "bias").returncode == 1  # none started

@@ -15,6 +15,7 @@ from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 async def test_prepare_converts_the_gguf_publishes_it_once_and_the_tier_serves_it(tmp_path):
     registry = Registry(tmp_path / "models")
     published = prepare(registry)

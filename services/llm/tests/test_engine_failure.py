@@ -16,8 +16,11 @@ from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
 
 SERVICE = "tiermesh.llm.v1.LlmService"
 STATUS = health_pb2.HealthCheckResponse
+# vLLM's engine core is a process of its own, started here and killed by the test.
+pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 async def test_a_dead_engine_fails_calls_fast_and_reports_not_serving(tiny_model, llm_registry):
     import psutil  # comes with vLLM
 

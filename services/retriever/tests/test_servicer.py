@@ -109,6 +109,7 @@ async def test_bad_queries_name_the_problem_and_the_tier_keeps_serving(scratch_r
         assert (await search(server, vector_request(vectors[3]))).passages[0].doc_id == "doc-3"
 
 
+@pytest.mark.slow
 async def test_hot_swap_by_periodic_check_and_a_corrupt_version_is_refused(scratch_registry, embedding_model):
     first, vectors = artifact(scratch_registry, embedding_model)
     second, _ = artifact(scratch_registry, embedding_model, kind="flat")
