@@ -5,17 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tiermesh.kit import contract
+from tiermesh.kit import contract, topology
 
-TIERS = ("common", "embedder", "retriever", "llm", "classifiers", "bias", "gateway")
-SERVICES = {
-    "embedder": "EmbedderService",
-    "retriever": "RetrieverService",
-    "llm": "LlmService",
-    "classifiers": "ClassifiersService",
-    "bias": "BiasService",
-    "gateway": "AdvisorService",
-}
+# Every tier of the topology has a package of its own; `common` holds what they share.
+SERVICES = {tier.name: tier.service.rsplit(".", 1)[1] for tier in topology.TIERS}
+TIERS = ("common", *SERVICES)
 
 
 def _buf() -> str:

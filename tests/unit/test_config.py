@@ -52,3 +52,6 @@ def test_describe_lists_every_variable():
     rows = describe(Example, prefix="X_")
     assert [name for name, _, _ in rows] == ["X_PORT", "X_RATIO", "X_MODE", "X_VERBOSE", "X_PATH"]
     assert rows[0][1] == "(required)"
+    meanings = {name: meaning for name, _, meaning in rows}
+    assert meanings["X_MODE"] == "a mode (one of fast, slow)"
+    assert meanings["X_PORT"] == "a port (1 to 65535)" and meanings["X_VERBOSE"] == "chatty"

@@ -4,9 +4,11 @@ stack. (The layer contracts themselves are checked by `lint-imports`, which scri
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from tiermesh.kit.contract import REPO_ROOT
+from tiermesh.kit.topology import TIERS
 
 PRODUCT = ("tiermesh/kit", "tiermesh/control", "services")
 LONGEST = 80  # lines, decorators excluded
@@ -66,3 +68,11 @@ def test_building_the_cli_imports_no_third_party_package():
     )
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]", found.stdout + found.stderr
+
+
+def test_the_import_contracts_name_every_tier_and_its_stubs():
+    contracts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    by_type = {contract["type"]: contract for contract in contracts}
+    assert set(by_type["independence"]["modules"]) == {tier.module for tier in TIERS}
+    stubs = {name.strip() for name in by_type["layers"]["layers"][-1].split(":")}
+    assert stubs == {"tiermesh.common", *(f"tiermesh.{tier.name}" for tier in TIERS)}

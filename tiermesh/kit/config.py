@@ -92,12 +92,27 @@ def load(cls: type[T], *, prefix: str = "", environ: Mapping[str, str] | None = 
 
 
 def describe(cls: type, *, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(variable, default, help) for every setting of `cls`, for --help texts and docs."""
+    """(variable, default, help with the allowed values) for every setting of `cls`, for --help
+    texts and docs."""
     rows = []
     for field in dataclasses.fields(cls):
         default = "(required)" if field.default is dataclasses.MISSING else repr(field.default)
-        rows.append((prefix + field.metadata["env"], default, field.metadata["help"]))
+        allowed = _allowed(field.metadata)
+        meaning = field.metadata["help"] + (f" ({allowed})" if allowed else "")
+        rows.append((prefix + field.metadata["env"], default, meaning))
     return rows
+
+
+def _allowed(meta: Mapping[str, Any]) -> str:
+    """The values `load` accepts, in words: `one of a, b`, `1 to 64`, `>= 0`."""
+    low, high, choices = meta["min"], meta["max"], meta["choices"]
+    if choices is not None:
+        return "one of " + ", ".join(choices)
+    if low is not None and high is not None:
+        return f"{low:g} to {high:g}"
+    if low is not None:
+        return f">= {low:g}"
+    return f"<= {high:g}" if high is not None else ""
 
 
 @dataclasses.dataclass(frozen=True)

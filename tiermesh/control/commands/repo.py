@@ -28,6 +28,14 @@ def add_commands(sub: Any) -> None:
     render.add_argument("-o", "--output", help="write to this file instead of stdout")
     envoy.set_defaults(run=cmd_envoy)
 
+    docs = sub.add_parser("docs", help="documentation generated from the code")
+    docs_sub = docs.add_subparsers(dest="docs_command", required=True, metavar="ACTION")
+    config = docs_sub.add_parser(
+        "config", help="write docs/configuration.md from every tier's settings and the ports file"
+    )
+    config.add_argument("--check", action="store_true", help="exit 1 when the committed page is stale")
+    docs.set_defaults(run=cmd_docs)
+
 
 def cmd_protos(args: argparse.Namespace) -> int:
     from tiermesh.kit import contract
@@ -53,4 +61,20 @@ def cmd_envoy(args: argparse.Namespace) -> int:
         Path(args.output).write_text(config)
     else:
         print(config)
+    return 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    from tiermesh.control.docs import CONFIGURATION_PAGE, render_configuration
+
+    page = render_configuration()
+    if args.check:
+        current = CONFIGURATION_PAGE.read_text() if CONFIGURATION_PAGE.is_file() else ""
+        if current != page:
+            print(f"{CONFIGURATION_PAGE} is stale (run: tiermesh docs config)")
+            return 1
+        print(f"{CONFIGURATION_PAGE} is up to date")
+        return 0
+    CONFIGURATION_PAGE.write_text(page)
+    print(CONFIGURATION_PAGE)
     return 0
