@@ -1,5 +1,6 @@
 """docker-compose.yml describes the same mesh as the local runner (no Docker engine needed)."""
 
+import importlib
 import os
 import re
 import shutil
@@ -220,3 +221,16 @@ def test_docker_compose_resolves_the_treatment_blocks():
     assert llm["shm_size"] == services["llm"]["shm_size"]
     assert services["envoy"]["environment"]["LLM_TREATMENT"] == "LLM_MODEL_VERSION=2"
     assert services["envoy"]["environment"]["BIAS_TREATMENT"] == ""
+
+
+def test_every_python_healthcheck_imports_what_exists():
+    """A probe that imports a moved or renamed function would mark a healthy container unhealthy."""
+    checked = 0
+    for name, service in SERVICES.items():
+        command = " ".join(map(str, service.get("healthcheck", {}).get("test", [])))
+        for module, names in re.findall(r"from (tiermesh[\w.]*) import ([\w, ]+)", command):
+            imported = importlib.import_module(module)
+            for attribute in names.split(","):
+                assert hasattr(imported, attribute.strip()), f"{name}: {module}.{attribute.strip()}"
+                checked += 1
+    assert checked >= len(TIERS) + 2  # every tier, Envoy and the trace sink

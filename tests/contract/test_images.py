@@ -294,6 +294,18 @@ def test_the_envoy_image_environment_renders_a_config_envoy_accepts(tmp_path):
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "OK" in check.stdout + check.stderr
+    # compose's health check of the Envoy container runs in this environment too: nothing is up,
+    # so it must answer DOWN, not fail to import
+    health = "from tiermesh.control.probes import envoy_ready; print(envoy_ready('127.0.0.1:1'))"
+    probe = subprocess.run(
+        [str(python), "-c", health],
+        cwd=app,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.stdout.strip() == "DOWN", probe.stderr
 
 
 # --- The tier image: what the tiers import is in the runtime lock ----------------------------
