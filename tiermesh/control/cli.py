@@ -22,6 +22,7 @@ from tiermesh.control.commands import mesh, models, repo, traffic
 from tiermesh.control.envoy_config import EnvoyConfigError
 from tiermesh.control.runner import LocalAddresses, RunnerError
 from tiermesh.control.traffic import TrafficError
+from tiermesh.kit.commands import MeshAddresses
 from tiermesh.kit.registry import RegistryError
 from tiermesh.kit.topology import TopologyError
 
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(mesh=LocalAddresses())
+    mesh: MeshAddresses = LocalAddresses()  # what every command finds as args.mesh
+    parser.set_defaults(mesh=mesh)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.add_commands(sub)
