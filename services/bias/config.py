@@ -22,6 +22,13 @@ class BiasConfig(FollowingConfig):
     max_text_chars: int = setting(
         "MAX_TEXT_CHARS", 16_384, help="characters accepted in a text or question", min=1, max=1_000_000
     )
+    max_text_mentions: int = setting(
+        "MAX_TEXT_MENTIONS",
+        1_000,
+        help="protected-class mentions scored per text (the first ones); the rest are logged, not scored",
+        min=1,
+        max=1_000_000,
+    )
     max_decisions: int = setting(
         "MAX_DECISIONS", 1_000_000, help="decisions accepted in one batch", min=1, max=100_000_000
     )

@@ -162,9 +162,19 @@ class BiasTier(bias_pb2_grpc.BiasServiceServicer):
         model = self.slot.serving(request.model_version, self.registry)
         check_text(request.text, "text", max_chars=self.config.max_text_chars)
         threshold = self.config.text_threshold if self.config.text_threshold >= 0 else None
-        # Pure CPU work well under a millisecond for advice-sized texts: inline beats a thread hop.
-        verdict = model.score(request.text, threshold)
+        cap = self.config.max_text_mentions
+        # Linear in the text, but a long crafted text still takes a while: off the event loop, so
+        # health checks and other calls keep being answered meanwhile.
+        verdict = await self._run(lambda: model.score(request.text, threshold, max_mentions=cap))
         version = model.version.version
+        if verdict.unscored:  # the response has no field for it
+            logger.warning(
+                "bias: ScoreText scored the first %d of %d protected-class mentions "
+                "(BIAS_MAX_TEXT_MENTIONS); the other %d are not in the score",
+                cap,
+                cap + verdict.unscored,
+                verdict.unscored,
+            )
         TEXT_SCORES.labels(version).observe(verdict.score)
         if verdict.flagged:
             TEXTS_FLAGGED.labels(version).inc()

@@ -23,6 +23,7 @@ and recall in the version's metadata.json.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import re
@@ -43,6 +44,10 @@ SCOPES = ("before", "after", "sentence", "sentence_and_next", "later_advice")
 # A new sentence starts after . ! or ? and a space, before something that can open a sentence
 # (so "6.5%", "U.S. credit" and "$1.5 million" stay whole).
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(A-Z0-9$])")
+# Cue phrases are a few words long: a scan for "before" cues that starts this far ahead of the
+# window finds the same matches as one from the sentence start, without rereading a long sentence
+# for every mention in it.
+_BEFORE_SLACK = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Verdict:
     flagged: bool
     threshold: float
     evidence: tuple[Evidence, ...]
+    unscored: int = 0  # mentions past the `max_mentions` cap, left out of the evidence and score
 
 
 def _alternation(patterns: list[str], where: str, *, anchored: bool = False) -> re.Pattern[str]:
@@ -94,8 +100,65 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     return bounds
 
 
+class _Scan:
+    """One text's sentences and its per-sentence cue results, each computed at most once: scoring
+    then costs time linear in the text, however many mentions share a sentence."""
+
+    def __init__(self, text: str, advice: list[_Cue]) -> None:
+        self.text = text
+        self.sentences = _sentences(text)
+        self._ends = [end for _, end in self.sentences]
+        self._advice = advice
+        self._found: dict[tuple[int, int, bool], bool] = {}  # by (id of pattern, sentence, +next)
+        self._after: dict[tuple[str, str], bool] = {}
+        self._later: dict[str, list[bool]] = {}
+
+    def sentence_of(self, start: int) -> int:
+        """The first sentence that ends after `start` (the last one if none does)."""
+        return min(bisect.bisect_right(self._ends, start), len(self.sentences) - 1)
+
+    def sentence(self, index: int) -> str:
+        start, end = self.sentences[index]
+        return self.text[start:end]
+
+    def in_sentence(self, pattern: re.Pattern[str], index: int) -> bool:
+        key = (id(pattern), index, False)
+        if key not in self._found:
+            self._found[key] = pattern.search(self.sentence(index)) is not None
+        return self._found[key]
+
+    def in_sentence_and_next(self, pattern: re.Pattern[str], index: int) -> bool:
+        """Searched in the sentence through the end of the next one, the gap between included."""
+        key = (id(pattern), index, True)
+        if key not in self._found:
+            start = self.sentences[index][0]
+            end = self.sentences[min(index + 1, len(self.sentences) - 1)][1]
+            self._found[key] = pattern.search(self.text[start:end]) is not None
+        return self._found[key]
+
+    def just_after(self, cue: _Cue, end: int, sentence_end: int, window: int) -> bool:
+        # Memoised by the window's text: repeated phrases cost one match, however often they recur.
+        key = (cue.kind, self.text[end : min(sentence_end, end + window)])
+        if key not in self._after:
+            self._after[key] = cue.pattern.match(key[1]) is not None
+        return self._after[key]
+
+    def in_later_advice(self, cue: _Cue, index: int) -> bool:
+        """True when a sentence after `index` holds the cue and advice; one pass over the text."""
+        if cue.kind not in self._later:
+            later, hit = [False] * len(self.sentences), False
+            for i in range(len(self.sentences) - 1, -1, -1):
+                later[i] = hit  # any hit strictly after sentence i
+                sentence = self.sentence(i)
+                hit = hit or bool(
+                    cue.pattern.search(sentence) and any(a.pattern.search(sentence) for a in self._advice)
+                )
+            self._later[cue.kind] = later
+        return self._later[cue.kind][index]
+
+
 class Rules:
-    """Compiled rules; `score` is pure CPU work of well under a millisecond per sentence."""
+    """Compiled rules; `score` is pure CPU work, linear in the text (a few ms for advice-sized texts)."""
 
     def __init__(self, rules: dict[str, Any]) -> None:
         classes = rules.get("classes")
@@ -127,57 +190,56 @@ class Rules:
     def mentions(self, text: str) -> list[tuple[str, int, int]]:
         """(class, start, end) of every protected-class reference, by position."""
         excluded = [m.span() for m in self.not_protected.finditer(text)]
+        excluded_ends = [e for _, e in excluded]
         found = []
         for name, pattern in self.terms.items():
             last_end = -1
             for match in pattern.finditer(text):
                 start, end = match.span()
-                if start < last_end or any(s < end and start < e for s, e in excluded):
+                # Exclusions come in order without overlaps: only the first one ending after
+                # `start` can overlap the mention (a search, not a pass over them all).
+                first = bisect.bisect_right(excluded_ends, start)
+                if start < last_end or (first < len(excluded) and excluded[first][0] < end):
                     continue
                 found.append((name, start, end))
                 last_end = end
         return sorted(found, key=lambda m: (m[1], CLASSES.index(m[0])))
 
-    def score(self, text: str, threshold: float = THRESHOLD) -> Verdict:
-        sentences = _sentences(text)
+    def score(self, text: str, threshold: float = THRESHOLD, *, max_mentions: int | None = None) -> Verdict:
+        """The verdict on `text`; with `max_mentions`, only that many mentions (the first ones) are
+        scored and the rest are counted in `unscored`."""
+        found = self.mentions(text)
+        scored = found if max_mentions is None else found[:max_mentions]
+        scan = _Scan(text, self._advice)
         evidence = []
-        for name, start, end in self.mentions(text):
-            index = next(i for i, (s, e) in enumerate(sentences) if start < e or i == len(sentences) - 1)
-            strength, cues = self._strength(text, sentences, index, start, end)
+        for name, start, end in scored:
+            strength, cues = self._strength(scan, scan.sentence_of(start), start, end)
             evidence.append(Evidence(name, text[start:end], start, end, strength > threshold, strength, cues))
         score = max((e.strength for e in evidence), default=0.0)
-        return Verdict(score, score > threshold, threshold, tuple(evidence))
+        return Verdict(score, score > threshold, threshold, tuple(evidence), len(found) - len(scored))
 
-    def _strength(
-        self, text: str, sentences: list[tuple[int, int]], index: int, start: int, end: int
-    ) -> tuple[float, tuple[str, ...]]:
-        s_start, s_end = sentences[index]
-        sentence = text[s_start:s_end]
-        if self.neutral.search(sentence):
+    def _strength(self, scan: _Scan, index: int, start: int, end: int) -> tuple[float, tuple[str, ...]]:
+        if scan.in_sentence(self.neutral, index):
             return 0.0, ("neutral",)
-        following = text[s_start : sentences[index + 1][1]] if index + 1 < len(sentences) else sentence
-        found = []
-        for cue in self.cues:
-            if cue.scope == "before":
-                hit = any(
-                    m.start() < end and start - self.window <= m.end()
-                    for m in cue.pattern.finditer(text, s_start, end)
-                )
-            elif cue.scope == "after":
-                hit = cue.pattern.match(text[end : min(s_end, end + self.window)]) is not None
-            elif cue.scope == "sentence":
-                hit = cue.pattern.search(sentence) is not None
-            elif cue.scope == "sentence_and_next":
-                hit = cue.pattern.search(following) is not None
-            else:  # later_advice: "still, I'd ..." in a later sentence
-                hit = any(
-                    cue.pattern.search(later) and any(a.pattern.search(later) for a in self._advice)
-                    for later in (text[s:e] for s, e in sentences[index + 1 :])
-                )
-            if hit:
-                found.append(cue)
+        found = [cue for cue in self.cues if self._found(cue, scan, index, start, end)]
         strength = min(1.0, sum(cue.weight for cue in found))
         return round(strength, 6), tuple(cue.kind for cue in found)
+
+    def _found(self, cue: _Cue, scan: _Scan, index: int, start: int, end: int) -> bool:
+        s_start, s_end = scan.sentences[index]
+        if cue.scope == "before":
+            since = max(s_start, start - self.window - _BEFORE_SLACK)
+            return any(
+                m.start() < end and start - self.window <= m.end()
+                for m in cue.pattern.finditer(scan.text, since, end)
+            )
+        if cue.scope == "after":
+            return scan.just_after(cue, end, s_end, self.window)
+        if cue.scope == "sentence":
+            return scan.in_sentence(cue.pattern, index)
+        if cue.scope == "sentence_and_next":
+            return scan.in_sentence_and_next(cue.pattern, index)
+        return scan.in_later_advice(cue, index)  # "still, I'd ..." in a later sentence
 
 
 class TextModel:
@@ -199,8 +261,9 @@ class TextModel:
                         f"recorded {probe['score']:.4f}; the rules or their engine changed"
                     )
 
-    def score(self, text: str, threshold: float | None = None) -> Verdict:
-        return self.rules.score(text, self.threshold if threshold is None else threshold)
+    def score(self, text: str, threshold: float | None = None, *, max_mentions: int | None = None) -> Verdict:
+        chosen = self.threshold if threshold is None else threshold
+        return self.rules.score(text, chosen, max_mentions=max_mentions)
 
     def close(self) -> None:
         pass

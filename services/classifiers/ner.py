@@ -12,6 +12,7 @@ evaluated with; loading it under another spaCy model version is refused.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import re
@@ -38,12 +39,18 @@ _FROM_SPACY = {
     "CARDINAL": "CARDINAL",
 }
 
-_NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+# Possessive: what can follow a number is never a digit, comma or dot that it gave back, so giving
+# digits back cannot help and only re-read long runs (quadratic on a 2,000-digit question).
+_NUMBER = r"\d{1,3}+(?:,\d{3})++(?:\.\d++)?+|\d++(?:\.\d++)?+"
+# A number followed by its currency is tried only where a try can differ from the one before it:
+# grouped, not from inside or at the head of a thousands group; plain, only where its digits start.
+# Tried from every digit, each try read the rest of the run, which was quadratic as well.
+_LEADING_NUMBER = r"(?<!\d,)(?<!,\d)(?<!,\d\d)\d{1,3}+(?:,\d{3})++(?:\.\d++)?+|(?<!\d)\d++(?:\.\d++)?+"
 _SCALE = r"(?i:k|m|mm|bn|thousand|million|billion|grand)\b"
 MONEY_PATTERN = re.compile(
     rf"(?:US\$|C\$|A\$|[$€£¥])\s?(?:{_NUMBER})(?:\s?{_SCALE})?"
     rf"|(?:USD|EUR|GBP|CAD|AUD|JPY)\s?(?:{_NUMBER})(?:\s?{_SCALE})?"
-    rf"|(?:{_NUMBER})(?:\s?{_SCALE})?\s?(?i:dollars?|bucks|euros?|usd|eur|gbp|cad)\b"
+    rf"|(?:{_LEADING_NUMBER})(?:\s?{_SCALE})?\s?(?i:dollars?|bucks|euros?|usd|eur|gbp|cad)\b"
 )
 _CURRENCIES = (
     ("US$", "USD"), ("C$", "CAD"), ("A$", "AUD"), ("$", "USD"), ("€", "EUR"), ("£", "GBP"), ("¥", "JPY"),
@@ -59,7 +66,9 @@ _AMOUNT = re.compile(rf"({_NUMBER})\s?({_SCALE})?")
 ACCOUNT_PATTERNS = (
     re.compile(r"(?<![\d.,$€£])\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,3})?(?![\d,.]?\d)"),
     re.compile(r"(?<![\d.,$€£])\d{8,19}(?![\d,.]?\d)"),
-    re.compile(r"(?i:account|acct)\.?\s*(?i:number|no\.?|#)?\s*:?\s*#?(\d{5,7})\b"),
+    # Possessive spaces: three optional runs of them in a row backtracked cubically ("account" and
+    # 2,000 spaces took 50 s); what follows each run never starts with a space, so none is given back.
+    re.compile(r"(?i:account|acct)\.?\s*+(?i:number|no\.?|#)?\s*+:?\s*+#?(\d{5,7})\b"),
     re.compile(r"(?i:end(?:ing|s) (?:in|with)|last (?:4|four)(?: digits)?(?: (?:are|is|of))?:?)\s*(\d{4})\b"),
 )
 
@@ -98,6 +107,21 @@ def mask_account(text: str) -> str:
         else:
             masked.append(char)
     return "".join(masked)
+
+
+def _non_overlapping(candidates: list[tuple[int, int, int, str]]) -> list[tuple[int, int, str]]:
+    """(start, end, label) of each candidate, in the order given, that overlaps none kept before it;
+    sorted by position."""
+    chosen: list[tuple[int, int, str]] = []  # by position, without overlaps: so are their ends
+    ends: list[int] = []
+    for _, start, end, label in candidates:
+        # Only the first kept span ending after `start` can overlap: a search, not a pass over all
+        # (the pass was quadratic in the entities of a text full of amounts).
+        at = bisect.bisect_right(ends, start)
+        if at == len(chosen) or end <= chosen[at][0]:
+            chosen.insert(at, (start, end, label))
+            ends.insert(at, end)
+    return chosen
 
 
 def read_gazetteers(path: Path) -> dict[str, Any]:
@@ -155,11 +179,8 @@ class EntityModel:
             for ent in doc.ents
             if ent.label_ in _FROM_SPACY and ent.text not in self.lending_terms
         ]
-        chosen: list[tuple[int, int, str]] = []
-        for _, start, end, label in sorted(candidates, key=lambda c: (c[0], c[1] - c[2], c[1])):
-            if all(end <= s or start >= e for s, e, _ in chosen):
-                chosen.append((start, end, label))
-        return [self._entity(text, start, end, label, currency) for start, end, label in sorted(chosen)]
+        chosen = _non_overlapping(sorted(candidates, key=lambda c: (c[0], c[1] - c[2], c[1])))
+        return [self._entity(text, start, end, label, currency) for start, end, label in chosen]
 
     @staticmethod
     def _entity(text: str, start: int, end: int, label: str, currency: str) -> Entity:

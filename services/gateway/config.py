@@ -11,6 +11,14 @@ ENVOY = "127.0.0.1:8080"
 
 @dataclasses.dataclass(frozen=True)
 class GatewayConfig(ServerConfig):
+    # An answer in flight may be generating: its grace covers a request's own deadline.
+    shutdown_grace_s: float = setting(
+        "SHUTDOWN_GRACE_S",
+        120.0,
+        help="seconds in-flight requests get to finish on SIGTERM (covers REQUEST_TIMEOUT_S)",
+        min=0,
+        max=600,
+    )
     http_port: int = setting(
         "HTTP_PORT", 0, help="REST/JSON API port (0 = any free port; the runner sets it)", min=0, max=65535
     )
@@ -87,6 +95,21 @@ class GatewayConfig(ServerConfig):
         help="seconds a response is cached (0 = no response cache)",
         min=0.0,
         max=30 * 86400,
+    )
+    feedback_max_records: int = setting(
+        "FEEDBACK_MAX_RECORDS",
+        1_000_000,
+        help="feedback entries the store keeps (the oldest are trimmed beyond it)",
+        min=1_000,
+        max=1_000_000_000,
+    )
+    key_cache_ttl_s: float = setting(
+        "KEY_CACHE_TTL_S",
+        300.0,
+        help="seconds an API key verified against the store is still admitted while the store is "
+        "unreachable (0 = refuse every request during a store outage)",
+        min=0.0,
+        max=86_400.0,
     )
     feedback_ttl_s: float = setting(
         "FEEDBACK_TTL_S",

@@ -16,6 +16,7 @@ import time
 
 import redis.asyncio as aioredis
 
+from services.gateway.durability import execute_durably, wait_for_disk
 from services.gateway.flow import Question, check_unicode
 from tiermesh.gateway.v1 import gateway_pb2
 from tiermesh.kit.errors import InvalidArgument
@@ -59,9 +60,10 @@ def _record(question: Question, advice: gateway_pb2.Advice) -> dict[str, str]:
 
 
 class FeedbackStore:
-    def __init__(self, client: aioredis.Redis, *, ttl_s: float) -> None:
+    def __init__(self, client: aioredis.Redis, *, ttl_s: float, max_records: int = 1_000_000) -> None:
         self.client = client
         self.ttl_s = int(ttl_s)
+        self.max_records = max_records
 
     async def remember(self, question: Question, advice: gateway_pb2.Advice) -> None:
         """Keep the answer's record; a store that is down costs the feedback, not the answer."""
@@ -107,4 +109,9 @@ class FeedbackStore:
             "key_id": key_id,
             "at": f"{time.time():.3f}",
         }
-        return (await self.client.xadd(FEEDBACK_STREAM, entry)).decode()
+        async with self.client.pipeline(transaction=False) as pipe:
+            # retention: the stream keeps about the newest `max_records` entries
+            pipe.xadd(FEEDBACK_STREAM, entry, maxlen=self.max_records, approximate=True)
+            wait_for_disk(pipe)
+            (entry_id,) = await execute_durably(pipe, "feedback")
+        return entry_id.decode()

@@ -29,7 +29,11 @@ from collections.abc import Callable, Mapping
 
 import redis.asyncio as redis
 
+from services.gateway.durability import execute_durably, wait_for_disk
+
 SECRET_PREFIX = "tm_"
+# Revoked key ids are announced here, so gateways forget them at once (see rest/auth.py).
+REVOKED_CHANNEL = "tiermesh:keys:revoked"
 KEY_ID_PATTERN = re.compile(r"k_[0-9a-f]{10}")
 # token_urlsafe(32): 32 random bytes, base64url without padding, always 43 characters.
 _SECRET_BYTES = 32
@@ -169,7 +173,10 @@ class KeyStore:
             secret = f"{SECRET_PREFIX}{key_id}_{secrets.token_urlsafe(_SECRET_BYTES)}"
             created_at = time.time()
             fields = [name, repr(created_at), requests_per_minute, tokens_per_minute, _digest(secret)]
-            created = await self._create(keys=[self._key(key_id), self._index], args=[*fields, key_id])
+            async with self.client.pipeline(transaction=False) as pipe:
+                await self._create(keys=[self._key(key_id), self._index], args=[*fields, key_id], client=pipe)
+                wait_for_disk(pipe)
+                (created,) = await execute_durably(pipe, "a new API key")
             if created:
                 return secret, ApiKey(key_id, name, created_at, requests_per_minute, tokens_per_minute)
         raise RuntimeError("could not find an unused key id in 5 tries")
@@ -191,7 +198,11 @@ class KeyStore:
         # Check the form first: an arbitrary string must never address another key, e.g. the index.
         if not isinstance(key_id, str) or not KEY_ID_PATTERN.fullmatch(key_id):
             raise KeyError(key_id)
-        found = await self._revoke(keys=[self._key(key_id)], args=[repr(time.time())])
+        async with self.client.pipeline(transaction=False) as pipe:
+            await self._revoke(keys=[self._key(key_id)], args=[repr(time.time())], client=pipe)
+            pipe.publish(REVOKED_CHANNEL, key_id)  # gateways drop it from their verified-key caches
+            wait_for_disk(pipe)
+            found, _ = await execute_durably(pipe, "a revocation")
         if not found:
             raise KeyError(key_id)
         return _record(key_id, _fields(dict(zip(found[::2], found[1::2], strict=True))))

@@ -46,6 +46,8 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
         self._cache: ResponseCache | None = None
         self._http: _EmbeddedServer | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._app: Any = None
+        self._revocations: asyncio.Task[None] | None = None
 
     @property
     def model(self) -> common_pb2.ModelInfo:
@@ -71,7 +73,9 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
             self._store = aioredis.Redis.from_url(
                 config.store_url, socket_timeout=2, socket_connect_timeout=2
             )
-            feedback = FeedbackStore(self._store, ttl_s=config.feedback_ttl_s)
+            feedback = FeedbackStore(
+                self._store, ttl_s=config.feedback_ttl_s, max_records=config.feedback_max_records
+            )
             if config.cache_ttl_s > 0:
                 self._cache = ResponseCache(self._store, config.cache_ttl_s)
                 await self._cache.start()
@@ -89,6 +93,13 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
             feedback=feedback,
             store=self._store,
         )
+        self._app = app
+        if self._store is not None and config.require_api_key:
+            # its own connection, without the request-path socket timeout: it waits for messages
+            listener = aioredis.Redis.from_url(
+                config.store_url, socket_connect_timeout=2, socket_keepalive=True
+            )
+            self._revocations = asyncio.create_task(app.state.key_gate.follow_revocations(listener))
         self._http = _EmbeddedServer(
             uvicorn.Config(
                 app,
@@ -113,7 +124,15 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
             "" if config.require_api_key else "; API keys NOT required",
         )
 
+    async def drain(self) -> None:
+        """The process is stopping: `/healthz` answers 503 so Envoy takes the REST API out of
+        the pool too, while calls are still served (the kit waits its drain delay after this)."""
+        if self._app is not None:
+            self._app.state.draining = True
+
     async def stop(self) -> None:
+        if self._revocations is not None:
+            self._revocations.cancel()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):

@@ -21,6 +21,15 @@ MODEL_NAME = "smollm2-135m-instruct"
 
 @dataclasses.dataclass(frozen=True)
 class LlmConfig(ServerConfig):
+    # A longest answer (LLM_MAX_TOKENS_CAP, 1,024 tokens) takes ~70 s at ~15 tokens/s on 2 cores:
+    # a stopping tier lets it finish rather than cut it.
+    shutdown_grace_s: float = setting(
+        "SHUTDOWN_GRACE_S",
+        90.0,
+        help="seconds in-flight generations get to finish on SIGTERM (covers a longest answer)",
+        min=0,
+        max=600,
+    )
     model: str = setting("MODEL", MODEL_NAME, help="registry name of the language model")
     model_version: str = setting("MODEL_VERSION", "latest", help="registry version to serve, or 'latest'")
     model_path: Path | None = setting(
@@ -43,6 +52,14 @@ class LlmConfig(ServerConfig):
         help="characters of a prompt or of one chat message",
         min=1,
         max=10_000_000,
+    )
+    max_chars_per_token: float = setting(
+        "MAX_CHARS_PER_TOKEN",
+        16.0,
+        help="characters per token assumed to refuse input before tokenizing it: a prompt or chat "
+        "longer than the context window times this cannot fit (English averages ~4)",
+        min=1.0,
+        max=1000.0,
     )
     max_model_len: int = setting(
         "MAX_MODEL_LEN", 0, help="context window in tokens (0 = the model's own)", min=0, max=1_000_000

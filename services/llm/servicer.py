@@ -296,7 +296,7 @@ class LlmTier(llm_pb2_grpc.LlmServiceServicer):
             )
         return self.engine
 
-    def _prompt(self, engine: LlmEngine, request: Request) -> list[int]:
+    async def _prompt(self, engine: LlmEngine, request: Request) -> list[int]:
         """Token ids of the request's input, checked against the context window."""
         config = self.config
         kind = request.WhichOneof("input")
@@ -304,12 +304,17 @@ class LlmTier(llm_pb2_grpc.LlmServiceServicer):
             turns = messages_from_proto(
                 request.chat, max_messages=config.max_messages, max_chars=config.max_input_chars
             )
-            ids, field, what = engine.encode_chat(turns), "chat", "tokens after the chat template"
+            self._check_size(engine, "chat", sum(len(turn.content) for turn in turns))
+            # Tokenizing is CPU work of up to ~100 ms: off the event loop, health checks keep answering.
+            ids = await asyncio.to_thread(engine.encode_chat, turns)
+            field, what = "chat", "tokens after the chat template"
         else:
             if kind is None:
                 raise InvalidArgument("prompt", "must not be empty (send a prompt or chat messages)")
             check_text(request.prompt, "prompt", max_chars=config.max_input_chars)
-            ids, field, what = engine.encode_prompt(request.prompt), "prompt", "tokens"
+            self._check_size(engine, "prompt", len(request.prompt))
+            ids = await asyncio.to_thread(engine.encode_prompt, request.prompt)
+            field, what = "prompt", "tokens"
         if len(ids) >= engine.context_length:
             raise InvalidArgument(
                 field,
@@ -318,10 +323,20 @@ class LlmTier(llm_pb2_grpc.LlmServiceServicer):
             )
         return ids
 
+    def _check_size(self, engine: LlmEngine, field: str, chars: int) -> None:
+        """Refuse input that cannot fit the context window before paying to tokenize it."""
+        most = int(engine.context_length * self.config.max_chars_per_token)
+        if chars > most:
+            raise InvalidArgument(
+                field,
+                f"is {chars} characters; the context window of {engine.context_length} tokens holds "
+                f"at most {most} (LLM_MAX_CHARS_PER_TOKEN={self.config.max_chars_per_token:g} per token)",
+            )
+
     async def _generate(self, request: Request, arrived: float) -> AsyncIterator[tuple[Chunk, _Generation]]:
         engine = self._ready(request.model_version)
         sampling = sampling_from_proto(request.sampling, self.config)  # cheap checks before tokenizing
-        prompt = self._prompt(engine, request)
+        prompt = await self._prompt(engine, request)
         # A generation that fills the context window ends with FINISH_REASON_LENGTH.
         room = engine.context_length - len(prompt)
         sampling = dataclasses.replace(sampling, max_tokens=min(sampling.max_tokens, room))

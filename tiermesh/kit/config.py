@@ -123,7 +123,23 @@ class ServerConfig:
     metrics_port: int = setting("METRICS_PORT", help="Prometheus /metrics port (0 = any)", min=0, max=65535)
     host: str = setting("HOST", "127.0.0.1", help="address to bind gRPC and metrics to")
     shutdown_grace_s: float = setting(
-        "SHUTDOWN_GRACE_S", 10.0, help="seconds in-flight RPCs get to finish on SIGTERM", min=0, max=300
+        "SHUTDOWN_GRACE_S", 10.0, help="seconds in-flight RPCs get to finish on SIGTERM", min=0, max=600
+    )
+    drain_delay_s: float = setting(
+        "DRAIN_DELAY_S",
+        3.0,
+        help="seconds a stopping tier still serves while reporting NOT_SERVING, so Envoy's health "
+        "checks (every 1 s) take it out of the pool before it stops accepting calls",
+        min=0,
+        max=60,
+    )
+    max_concurrent_rpcs: int = setting(
+        "MAX_CONCURRENT_RPCS",
+        256,
+        help="calls handled at once; more are refused at once with RESOURCE_EXHAUSTED (bounds every "
+        "queue behind them)",
+        min=1,
+        max=100_000,
     )
     max_message_mb: int = setting(
         "MAX_MESSAGE_MB", 16, help="largest request or response, MiB", min=1, max=512

@@ -4,6 +4,7 @@ Metric names are part of the operator contract (dashboards and alerts use them):
   tiermesh_rpc_requests_total{tier,arm,method,code,model_version}
   tiermesh_rpc_latency_seconds{tier,arm,method,model_version}     (histogram)
   tiermesh_rpc_in_flight{tier,method}
+  tiermesh_rpc_refused_total{tier,method}                      (over MAX_CONCURRENT_RPCS)
   tiermesh_model_info{tier,name,version,digest}                (always 1)
   tiermesh_model_swaps_total{tier,name,outcome}                 (hot swaps: success / failed)
   tiermesh_model_swap_seconds{tier,name}                        (load + check of a new version)
@@ -32,6 +33,11 @@ RPC_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 RPC_IN_FLIGHT = Gauge("tiermesh_rpc_in_flight", "RPCs being handled now", ["tier", "method"])
+RPC_REFUSED = Counter(
+    "tiermesh_rpc_refused",
+    "RPCs refused with RESOURCE_EXHAUSTED: the tier was at its limit",
+    ["tier", "method"],
+)
 MODEL_INFO = Gauge(
     "tiermesh_model_info", "The model version a tier serves", ["tier", "name", "version", "digest"]
 )

@@ -11,8 +11,13 @@ message), configures JSON logs and tracing, and serves the tier:
   metrics, turns `tiermesh.kit.errors.RpcError` into its status and an unexpected exception into
   INTERNAL (logged, never a crash), and answers undecodable requests with INVALID_ARGUMENT
   naming the field;
-* SIGTERM/SIGINT: health goes NOT_SERVING, new RPCs are refused, in-flight RPCs get the grace
-  period to finish, the engine is closed, the process exits 0.
+* at most `MAX_CONCURRENT_RPCS` product calls run at once; one more is refused at once with
+  RESOURCE_EXHAUSTED (health and reflection are never refused), so overload is a fast, clear
+  answer and every queue behind the servicer (micro-batches, vLLM's waiting requests) is bounded;
+* SIGTERM/SIGINT: health goes NOT_SERVING while calls are still served for `DRAIN_DELAY_S` (long
+  enough for Envoy's health checks to take the replica out of the pool, so nothing is sent to a
+  closed port); then new calls are refused, in-flight ones get the grace period to finish, the
+  engine is closed and the process exits 0.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ class TierServer:
         contract.load_all()
         max_bytes = self.config.max_message_mb * 1024 * 1024
         server = grpc.aio.server(
-            interceptors=[_ObservingInterceptor(self.tier)],
+            interceptors=[_ObservingInterceptor(self.tier, self.config.max_concurrent_rpcs)],
             options=[
                 ("grpc.so_reuseport", 0),  # a port already in use must fail, not be shared
                 ("grpc.keepalive_time_ms", 30_000),
@@ -141,6 +146,20 @@ class TierServer:
             time.perf_counter() - started,
         )
 
+    async def drain(self) -> None:
+        """Report NOT_SERVING but keep serving for the drain delay: Envoy's health checks take the
+        replica out of the pool before its port closes, so no call is sent to a closed port."""
+        await self.health.enter_graceful_shutdown()
+        if hasattr(self.tier, "drain"):  # a tier with another face to take out of the pool (REST)
+            await self.tier.drain()
+        if self.config.drain_delay_s:
+            logger.info(
+                "%s NOT_SERVING: still serving for %.1fs while Envoy takes it out of the pool",
+                self.tier.name,
+                self.config.drain_delay_s,
+            )
+            await asyncio.sleep(self.config.drain_delay_s)
+
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let in-flight ones finish within the grace period, close the engine."""
         grace = self.config.shutdown_grace_s if grace is None else grace
@@ -176,8 +195,12 @@ async def serve(tier: Tier, config: ServerConfig) -> int:
     if not loading.done():
         loading.cancel()
     logger.info(
-        "%s shutting down: draining in-flight calls for up to %.0fs", tier.name, config.shutdown_grace_s
+        "%s shutting down: draining in-flight calls for up to %.0fs",
+        tier.name,
+        config.drain_delay_s + config.shutdown_grace_s,
     )
+    if exit_code == 0:
+        await server.drain()
     await server.stop()
     return exit_code
 
@@ -289,8 +312,21 @@ class _Observation:
 
 
 class _ObservingInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tier: Tier) -> None:
+    def __init__(self, tier: Tier, limit: int) -> None:
         self.tier = tier
+        self.limit = limit
+        self.in_flight = 0  # product calls being handled (one event loop: no lock needed)
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """Take a slot, or refuse the call at once when the tier is at its limit."""
+        if self.in_flight >= self.limit:
+            metrics.RPC_REFUSED.labels(self.tier.name, method).inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.tier.name} is at its limit of {self.limit} concurrent calls "
+                f"({self.tier.name.upper()}_MAX_CONCURRENT_RPCS); retry later",
+            )
+        self.in_flight += 1
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
         handler = await continuation(handler_call_details)
@@ -313,6 +349,7 @@ class _ObservingInterceptor(grpc.aio.ServerInterceptor):
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.explanation)
+            await self._admit(method, context)
             observation = _Observation(self.tier, method, context)
             error: BaseException | None = None
             try:
@@ -324,6 +361,7 @@ class _ObservingInterceptor(grpc.aio.ServerInterceptor):
                 error = raised
                 await observation.fail(context, raised)
             finally:
+                self.in_flight -= 1
                 observation.finish(context, error)
 
         return observed
@@ -335,6 +373,7 @@ class _ObservingInterceptor(grpc.aio.ServerInterceptor):
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.explanation)
+            await self._admit(method, context)
             observation = _Observation(self.tier, method, context)
             error: BaseException | None = None
             try:
@@ -347,6 +386,7 @@ class _ObservingInterceptor(grpc.aio.ServerInterceptor):
                 error = raised
                 await observation.fail(context, raised)
             finally:
+                self.in_flight -= 1
                 observation.finish(context, error)
 
         return observed

@@ -53,6 +53,12 @@ class TierSpec:
     load_timeout_s: float = 180.0
     # The tier also serves a REST API (`<TIER>_HTTP_PORT`), behind Envoy's REST listener.
     rest: bool = False
+    # Methods that stream or write: Envoy never repeats them once a replica may have acted on one
+    # (every other method is idempotent and retried on another replica).
+    unretried: tuple[str, ...] = ()
+    # Calls one replica handles at once (`<TIER>_MAX_CONCURRENT_RPCS`); Envoy's circuit breaker
+    # admits the sum over the replicas of a deployment.
+    max_concurrency: int = 256
 
     @property
     def module(self) -> str:
@@ -76,12 +82,33 @@ TIERS: tuple[TierSpec, ...] = (
     TierSpec("embedder", "tiermesh.embedder.v1.EmbedderService"),
     TierSpec("retriever", "tiermesh.retriever.v1.RetrieverService"),
     # vLLM's engine processes start in ~40 s on 2 cores (then a warm-up generation).
-    TierSpec("llm", "tiermesh.llm.v1.LlmService", load_timeout_s=300.0),
+    # 128 calls: 32 generating (LLM_MAX_NUM_SEQS), the rest bounded in vLLM's waiting queue.
+    TierSpec(
+        "llm",
+        "tiermesh.llm.v1.LlmService",
+        load_timeout_s=300.0,
+        unretried=("Generate", "GenerateStream"),
+        max_concurrency=128,
+    ),
     TierSpec("classifiers", "tiermesh.classifiers.v1.ClassifiersService"),
-    TierSpec("bias", "tiermesh.bias.v1.BiasService"),
+    TierSpec("bias", "tiermesh.bias.v1.BiasService", unretried=("RecordDecisions",)),
     # The gateway calls every other tier through Envoy; it starts fast (no model of its own).
-    TierSpec("gateway", "tiermesh.gateway.v1.AdvisorService", rest=True),
+    # An answer records feedback and decisions: never repeated.
+    TierSpec(
+        "gateway", "tiermesh.gateway.v1.AdvisorService", rest=True, unretried=("Advise", "AdviseStream")
+    ),
 )
+
+
+def max_concurrency(settings: Mapping[str, str], tier: TierSpec, arm: str = "control") -> int:
+    """Calls one replica of a deployment handles at once: `<TIER>_MAX_CONCURRENT_RPCS` (the
+    treatment may override it), else the tier's own figure."""
+    overrides = (treatment_overrides(settings, tier) or {}) if arm == "treatment" else {}
+    name = f"{tier.prefix}MAX_CONCURRENT_RPCS"
+    raw = overrides.get(name) or settings.get(name) or str(tier.max_concurrency)
+    if not raw.isdigit() or int(raw) < 1:
+        raise TopologyError(f"{name}: expected a positive integer, got {raw!r}")
+    return int(raw)
 
 
 def tier_named(name: str) -> TierSpec:

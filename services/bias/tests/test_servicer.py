@@ -1,12 +1,14 @@
 """BiasService through its gRPC interface, served in-process on a free port (a real valkey-server
 holds the monitoring windows)."""
 
+import asyncio
 import math
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.bias import fairness
 from services.bias.config import BiasConfig
@@ -281,3 +283,41 @@ async def test_a_window_keeps_its_privileged_values_and_unknown_windows_are_expl
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await call(server, "RecordDecisions", bad)
         assert error.value.details().startswith(field + ":"), error.value.details()
+
+
+@pytest.fixture
+async def storeless(tmp_path, bias_text_model):
+    """The tier without a monitoring store: ScoreText needs none."""
+    registry = scratch_registry(tmp_path / "models", bias_text_model)
+    config = tier_config(BiasConfig, max_text_mentions=500)
+    async with serving_in_process(BiasTier(config, registry=registry), config) as running:
+        yield running
+
+
+async def health_while(channel: grpc.aio.Channel, pending: list[asyncio.Future]) -> list[int]:
+    """The tier's health, checked with a 1 s deadline each time, until every pending call is done."""
+    health = health_pb2_grpc.HealthStub(channel)
+    statuses = []
+    while True:
+        request = health_pb2.HealthCheckRequest(service=BiasTier.service_names[0])
+        statuses.append((await health.Check(request, timeout=1.0)).status)
+        if all(call.done() for call in pending):
+            return statuses
+        await asyncio.sleep(0.05)
+
+
+async def test_health_checks_answer_while_crafted_texts_are_scored(storeless, caplog):
+    crafted = "women " * 2730  # one 16 KB sentence of mentions: ~20 s on the event loop before
+    async with grpc.aio.insecure_channel(storeless.address) as channel:
+        stub = bias_pb2_grpc.BiasServiceStub(channel)
+        calls = [
+            asyncio.ensure_future(stub.ScoreText(pb.ScoreTextRequest(text=crafted), timeout=60))
+            for _ in range(4)
+        ]
+        statuses = await health_while(channel, calls)
+        answers = await asyncio.gather(*calls)
+    assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
+    for answer in answers:
+        assert len(answer.verdict.evidence) == 500 and not answer.verdict.flagged  # the cap held
+        assert {e.protected_class for e in answer.verdict.evidence} == {pb.PROTECTED_CLASS_SEX}
+    assert "scored the first 500 of 2730 protected-class mentions" in caplog.text

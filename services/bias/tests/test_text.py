@@ -1,7 +1,11 @@
 """The bias-text rules: evidence, neutral mentions, the labelled sets, versions and their checks."""
 
+import dataclasses
 import json
+import re
 import shutil
+import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -127,3 +131,70 @@ def test_versions_whose_rules_changed_or_break_are_refused(tmp_path, bias_text_m
     (edited.path / text.RULES).write_text(json.dumps(rules))
     with pytest.raises(RegistryError, match=r"classes\.age"):
         TextModel(edited)
+
+
+class _Reading:
+    """A compiled pattern that tallies how many characters its calls are given to read."""
+
+    def __init__(self, pattern: re.Pattern[str], tally: list[int]) -> None:
+        self.pattern, self.tally = pattern, tally
+
+    def _read(self, string: str, pos: int, endpos: int) -> None:
+        self.tally[0] += max(0, min(endpos, len(string)) - pos)
+
+    def search(self, string: str, pos: int = 0, endpos: int = sys.maxsize) -> re.Match[str] | None:
+        self._read(string, pos, endpos)
+        return self.pattern.search(string, pos, endpos)
+
+    def match(self, string: str, pos: int = 0, endpos: int = sys.maxsize) -> re.Match[str] | None:
+        self._read(string, pos, endpos)
+        return self.pattern.match(string, pos, endpos)
+
+    def finditer(self, string: str, pos: int = 0, endpos: int = sys.maxsize) -> Iterator[re.Match[str]]:
+        self._read(string, pos, endpos)
+        return self.pattern.finditer(string, pos, endpos)
+
+
+def _characters_read(text_: str) -> int:
+    """Characters the rules' regular expressions are given while scoring `text_` (fresh rules)."""
+    tally = [0]
+    reading = Rules.read(DATA / text.RULES)
+    reading.neutral = _Reading(reading.neutral, tally)
+    reading.not_protected = _Reading(reading.not_protected, tally)
+    reading.terms = {name: _Reading(pattern, tally) for name, pattern in reading.terms.items()}
+    reading.cues = [dataclasses.replace(cue, pattern=_Reading(cue.pattern, tally)) for cue in reading.cues]
+    reading._advice = [cue for cue in reading.cues if cue.scope == "sentence_and_next"]
+    assert reading.score(text_).evidence
+    return tally[0]
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "women ",  # one long sentence of mentions: each used to reread the whole sentence
+        "Women. ",  # many sentences: each mention used to reread every later one
+        "senior lien men ",  # mentions among look-alikes: each used to be checked against them all
+        "As a woman, you earn well. ",  # cues that send every mention looking through later sentences
+    ],
+)
+def test_the_characters_read_grow_linearly_with_the_text(unit):
+    short, long = _characters_read(unit * 250), _characters_read(unit * 1000)
+    assert long <= 4.5 * short, (short, long)  # quadratic reading would be 16x
+
+
+def test_a_16_kb_sentence_of_mentions_is_scored_and_the_mention_cap_holds(rules):
+    crafted = "women " * 2730
+    verdict = rules.score(crafted)
+    assert len(verdict.evidence) == 2730 and verdict.unscored == 0
+    assert {e.protected_class for e in verdict.evidence} == {"sex"} and not verdict.flagged
+    capped = rules.score(crafted, max_mentions=100)
+    assert capped.evidence == verdict.evidence[:100] and capped.unscored == 2630
+
+
+def test_the_cap_scores_the_first_mentions_by_position(bias_text_model):
+    model = TextModel(bias_text_model)
+    advice = "As a woman you should borrow less. " + "Men and women alike qualify. " * 20
+    full = model.score(advice)
+    capped = model.score(advice, max_mentions=1)
+    assert capped.evidence == full.evidence[:1] and capped.unscored == len(full.evidence) - 1
+    assert capped.flagged and capped.score == full.evidence[0].strength

@@ -35,6 +35,50 @@ def test_account_numbers_keep_only_their_last_four_digits():
     assert mask_account("4821") == "4821"
 
 
+def test_amounts_and_account_numbers_found_in_ordinary_text():
+    text = (
+        "Borrow $1,200.50 or 2.5 million dollars, USD 5,000, 150 bucks, €300, 1,234,567 dollars, "
+        "5,10 euros and 25k USD"
+    )
+    assert [m.group() for m in ner.MONEY_PATTERN.finditer(text)] == [
+        "$1,200.50", "2.5 million dollars", "USD 5,000", "150 bucks", "€300", "1,234,567 dollars",
+        "10 euros", "25k USD",
+    ]  # fmt: skip
+    text = "account: #12345, acct no. 7654321, ending in 4821, card 4111 1111 1111 1234 and 123456789012"
+    assert [[m.group(p.groups and 1) for m in p.finditer(text)] for p in ner.ACCOUNT_PATTERNS] == [
+        ["4111 1111 1111 1234"],
+        ["123456789012"],
+        ["12345", "7654321"],
+        ["4821"],
+    ]
+
+
+# Each of these took from seconds to hours: every digit (or space) of a long run was a start from
+# which the rest of the run was read again, and read again after every failure.
+LONG_RUNS = [
+    ("Can I borrow " + "9" * 2_000 + "?", []),
+    ("I owe " + "9" * 100_000 + " dollars", ["9" * 100_000 + " dollars"]),
+    ("I owe " + "9" * 100_000 + " and more", []),
+    ("Total " + ",".join(["123"] * 25_000) + " dollars", [",".join(["123"] * 25_000) + " dollars"]),
+    ("Total " + ",".join(["123"] * 25_000) + " in all", []),
+    ("$" + "1" * 100_000 + ".5 million", ["$" + "1" * 100_000 + ".5 million"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "amounts"), LONG_RUNS, ids=["2k", "100k", "100k-none", "groups", "groups-none", "$"]
+)
+def test_money_in_long_digit_runs_is_found_in_one_pass(text, amounts):
+    assert [m.group() for m in ner.MONEY_PATTERN.finditer(text)] == amounts
+
+
+@pytest.mark.parametrize(("tail", "found"), [("12345", ["12345"]), ("is overdrawn", [])])
+def test_account_numbers_after_a_long_run_of_spaces_are_found_in_one_pass(tail, found):
+    # 2,000 spaces and no number took 50 s (three optional runs of spaces backtracked cubically).
+    text = "My account" + " " * 100_000 + tail
+    assert [m.group(1) for m in ner.ACCOUNT_PATTERNS[2].finditer(text)] == found
+
+
 @pytest.fixture(scope="module")
 def model(classifier_models):
     loaded = EntityModel(classifier_models["ner"])

@@ -7,6 +7,7 @@ import shutil
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from services.classifiers import credit
@@ -164,3 +165,35 @@ async def test_publishes_swap_models_live_and_a_broken_version_keeps_the_old_one
         pinned.model_version = current.version
         with pytest.raises(grpc.aio.AioRpcError, match=r"this replica serves credit-risk 1\.0\.8"):
             await call(server, "ScoreCreditRisk", pinned)
+
+
+async def health_while(channel: grpc.aio.Channel, pending: list[asyncio.Future]) -> list[int]:
+    """The tier's health, checked with a 1 s deadline each time, until every pending call is done."""
+    health = health_pb2_grpc.HealthStub(channel)
+    statuses = []
+    while True:
+        request = health_pb2.HealthCheckRequest(service=ClassifiersTier.service_names[0])
+        statuses.append((await health.Check(request, timeout=1.0)).status)
+        if all(call.done() for call in pending):
+            return statuses
+        await asyncio.sleep(0.05)
+
+
+async def test_health_checks_answer_while_long_runs_are_searched_for_entities(registry):
+    digits = "Can I borrow " + "9" * 2_000 + "?"  # ~1 s holding the GIL before
+    spaces = "My account" + " " * 2_000 + "is overdrawn"  # ~50 s holding the GIL before
+    settings = config()
+    async with (
+        serving_in_process(ClassifiersTier(settings, registry=registry), settings) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = classifiers_pb2_grpc.ClassifiersServiceStub(channel)
+        calls = [
+            asyncio.ensure_future(stub.ExtractEntities(pb.ExtractEntitiesRequest(text=text), timeout=60))
+            for text in (digits, spaces, digits, spaces)
+        ]
+        statuses = await health_while(channel, calls)
+        answers = await asyncio.gather(*calls)
+    assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
+    rules = (pb.ENTITY_LABEL_MONEY, pb.ENTITY_LABEL_ACCOUNT)
+    assert all(not any(e.label in rules for e in answer.entities) for answer in answers)

@@ -59,8 +59,11 @@ def _charged_json(reply: JsonReply, caller: Caller) -> JSONResponse:
 # -- health ------------------------------------------------------------------------------------
 
 
-@router.get("/healthz", tags=["health"], summary="the process is up")
-async def healthz() -> dict[str, str]:
+@router.get("/healthz", tags=["health"], summary="the process is up (503 while it drains to stop)")
+async def healthz(request: Request) -> Any:
+    # Draining (SIGTERM): Envoy's health check sees 503 and stops sending here before the port closes.
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "draining"}, 503)
     return {"status": "ok"}
 
 

@@ -299,3 +299,40 @@ async def test_not_serving_and_unavailable_before_the_engine_is_loaded(tiny_mode
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(grace=0)
+
+
+async def health_while(channel: grpc.aio.Channel, pending: list[asyncio.Future]) -> list[int]:
+    """The tier's health, checked with a 1 s deadline each time, until every pending call is done."""
+    health = health_pb2_grpc.HealthStub(channel)
+    statuses = []
+    while True:
+        request = health_pb2.HealthCheckRequest(service=SERVICE)
+        statuses.append((await health.Check(request, timeout=1.0)).status)
+        if all(call.done() for call in pending):
+            return statuses
+        await asyncio.sleep(0.05)
+
+
+async def test_over_long_input_is_refused_by_size_while_health_checks_answer(llm_server):
+    # 80,000 characters cannot fit 2,048 tokens at 16 characters a token: refused untokenized.
+    too_long = llm_pb2.GenerateRequest(chat=chat(*[(USER, "loan " * 4_000)] * 4))
+    # 20,000 characters may fit by size: tokenized (off the event loop), then refused by count.
+    tokenized = llm_pb2.GenerateRequest(prompt="loan " * 4_000)
+    async with grpc.aio.insecure_channel(llm_server.address) as channel:
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
+        calls = [
+            asyncio.ensure_future(stub.Generate(request, timeout=30))
+            for request in [too_long] * 8 + [tokenized] * 4
+        ]
+        statuses = await health_while(channel, calls)
+        errors = await asyncio.gather(*calls, return_exceptions=True)
+    assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
+    assert all(isinstance(e, grpc.aio.AioRpcError) for e in errors), errors
+    assert {e.code() for e in errors} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert {e.details() for e in errors[:8]} == {
+        "chat: is 80000 characters; the context window of 2048 tokens holds at most 32768 "
+        "(LLM_MAX_CHARS_PER_TOKEN=16 per token)"
+    }
+    assert all(
+        e.details().startswith("prompt: is 4001 tokens; the context window is 2048") for e in errors[8:]
+    )

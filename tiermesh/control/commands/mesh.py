@@ -29,8 +29,17 @@ def add_commands(sub: Any) -> None:
     up.set_defaults(run=cmd_up)
 
     down = sub.add_parser("down", help="stop everything `up` started (tiers drain first)")
-    down.add_argument("--timeout", type=float, default=20.0, help="seconds before a process is killed")
+    down.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds a component gets to drain before it is killed"
+    )
     down.set_defaults(run=cmd_down)
+
+    restart = sub.add_parser(
+        "restart",
+        help="rolling restart of a tier: one replica at a time, each back in Envoy's pool before the next",
+    )
+    restart.add_argument("tier", help="the tier to restart, e.g. retriever")
+    restart.set_defaults(run=cmd_restart)
 
     status = sub.add_parser(
         "status", help="addresses and health of every component (exit 1 if any is unwell)"
@@ -61,7 +70,22 @@ def _print_status(report: dict, as_json: bool) -> None:
         addresses = "  ".join(
             f"{k}={v}" for k, v in entry.items() if k in ("grpc", "http", "admin", "metrics", "url")
         )
-        print(f"{name:<10} {entry['health']:<12} {addresses}")
+        print(f"{name:<14} {entry['health']:<12} {_supervision(entry):<34} {addresses}")
+        if entry.get("log_tail"):
+            print("  " + entry["log_tail"].replace("\n", "\n  "))
+
+
+def _supervision(entry: dict) -> str:
+    """'pid 123 up 5m 2s, 1 restart (last: signal SIGKILL)': how a component has been doing."""
+    parts = [f"pid {entry['pid']}" if entry.get("pid") else "no process"]
+    if "uptime_s" in entry:
+        minutes, seconds = divmod(int(entry["uptime_s"]), 60)
+        parts[0] += f" up {minutes}m {seconds}s" if minutes else f" up {seconds}s"
+    if entry.get("restarts"):
+        parts.append(f"{entry['restarts']} restart{'s' * (entry['restarts'] != 1)}")
+    if entry.get("last_exit"):
+        parts.append(f"last: {entry['last_exit']}")
+    return ", ".join(parts)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -102,6 +126,15 @@ def cmd_down(args: argparse.Namespace) -> int:
     from tiermesh.control.runner import Mesh
 
     Mesh().down(progress=lambda line: print(f"  {line}"), timeout=args.timeout)
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    from tiermesh.control.restart import rolling_restart
+    from tiermesh.control.runner import Mesh
+    from tiermesh.kit.topology import tier_named
+
+    rolling_restart(Mesh(), tier_named(args.tier), progress=lambda line: print(f"  {line}", flush=True))
     return 0
 
 
