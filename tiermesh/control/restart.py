@@ -45,7 +45,7 @@ def _restart_one(mesh: Mesh, tier: TierSpec, name: str, state: dict[str, Any]) -
     if not old or not mesh.alive(component):
         raise RunnerError(f"{name} is not running (tiermesh status; tiermesh up starts it again)")
     os.kill(old, signal.SIGTERM)
-    watch = {"alive": lambda: mesh.alive(component), "log": component.get("log", "")}
+    watch = mesh.watch(state, name)
 
     def replaced_and_serving() -> bool:
         pid = supervisor_status(component).get("pid")

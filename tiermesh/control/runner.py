@@ -249,7 +249,7 @@ class Mesh:
         """True when `name` must be started: it is not recorded, or no longer runs."""
         return name not in state or not self.alive(state[name])
 
-    def _watch(self, state: dict[str, Any], name: str) -> dict[str, Any]:
+    def watch(self, state: dict[str, Any], name: str) -> dict[str, Any]:
         """wait_until's view of a started component: whether its supervisor still runs (it
         restarts a component that dies while starting), and the log that says why it stopped."""
         component = state[name]
@@ -350,7 +350,7 @@ class Mesh:
                 lambda: grpc_health(state["otlp-sink"]["grpc"]) == "SERVING",
                 timeout=15,
                 what="otlp-sink",
-                **self._watch(state, "otlp-sink"),
+                **self.watch(state, "otlp-sink"),
             )
             progress(f"otlp-sink: Envoy's spans go to {env['TIERMESH_TRACES_FILE']}")
         if not self._wanted(state, "envoy"):
@@ -393,14 +393,14 @@ class Mesh:
         if not state["store"].get("external"):
             url = state["store"]["url"]
             wait_until(
-                lambda: store_ping(url) == "SERVING", timeout=15, what="store", **self._watch(state, "store")
+                lambda: store_ping(url) == "SERVING", timeout=15, what="store", **self.watch(state, "store")
             )
         envoy = state["envoy"]
         wait_until(
             lambda: envoy_ready(envoy["admin"]) == "LIVE",
             timeout=30,
             what="envoy",
-            **self._watch(state, "envoy"),
+            **self.watch(state, "envoy"),
         )
         progress(f"envoy: listening on {envoy['grpc']} (admin {envoy['admin']})")
         for tier in tiers:
@@ -412,7 +412,7 @@ class Mesh:
                         lambda c=component, t=tier: grpc_health(c["grpc"], t.service) == "SERVING",
                         timeout=tier.load_timeout_s,
                         what=name,
-                        **self._watch(state, name),
+                        **self.watch(state, name),
                     )
                     progress(
                         f"{name}: SERVING at {component['grpc']} (metrics http://{component['metrics']}/metrics)"
@@ -423,14 +423,14 @@ class Mesh:
                     ),
                     timeout=15,
                     what=f"{cluster_name(tier, arm)} through envoy",
-                    **self._watch(state, "envoy"),
+                    **self.watch(state, "envoy"),
                 )
             if tier.rest:
                 wait_until(
                     lambda: http_status(f"http://{envoy['http']}/healthz") == 200,
                     timeout=15,
                     what=f"{tier.name} REST API through envoy",
-                    **self._watch(state, "envoy"),
+                    **self.watch(state, "envoy"),
                 )
                 progress(f"{tier.name}: REST API at http://{envoy['http']} (docs at /docs)")
 

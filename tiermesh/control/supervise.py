@@ -107,14 +107,11 @@ class Supervisor:
         """Until the child exits (its return code, None) or a stop signal arrives (None, the signal)."""
         assert self.child is not None
         while True:
-            info = signal.sigtimedwait(WATCHED, 1.0)
+            stop_signal = self._stop_signal(signal.sigtimedwait(WATCHED, 1.0))
             if self.child.poll() is not None:
                 return self.child.returncode, None
-            if info is not None and info.si_signo != signal.SIGCHLD:
-                self.log(
-                    f"received {signal.Signals(info.si_signo).name} from {sender(info.si_pid)}: stopping"
-                )
-                return 0, signal.Signals(info.si_signo)
+            if stop_signal is not None:
+                return 0, stop_signal
 
     def stop(self, signum: signal.Signals) -> int:
         """Forward the stop signal and wait for the child (the runner SIGKILLs us both after its grace)."""
@@ -136,13 +133,18 @@ class Supervisor:
         """Sleep before a restart; a stop signal meanwhile ends the wait (and the supervisor)."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            info = signal.sigtimedwait(WATCHED, left)
-            if info is not None and info.si_signo != signal.SIGCHLD:
-                self.log(
-                    f"received {signal.Signals(info.si_signo).name} from {sender(info.si_pid)}: stopping"
-                )
-                return signal.Signals(info.si_signo)
+            stop_signal = self._stop_signal(signal.sigtimedwait(WATCHED, left))
+            if stop_signal is not None:
+                return stop_signal
         return None
+
+    def _stop_signal(self, info: Any) -> signal.Signals | None:
+        """The stop signal `sigtimedwait` returned (logged with its sender), or None."""
+        if info is None or info.si_signo == signal.SIGCHLD:
+            return None
+        received = signal.Signals(info.si_signo)
+        self.log(f"received {received.name} from {sender(info.si_pid)}: stopping")
+        return received
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)

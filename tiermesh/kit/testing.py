@@ -100,3 +100,20 @@ def scratch_registry(root: Path, *models: ModelVersion) -> Registry:
         (folder / model.version).symlink_to(model.path, target_is_directory=True)
         registry.set_latest(model.name, model.version)
     return registry
+
+
+async def health_while(channel: Any, service: str, pending: list[Any]) -> list[int]:
+    """`service`'s health on `channel`, checked with a 1 s deadline each time, until every call in
+    `pending` is done: a tier busy with a costly call must still answer (DEADLINE_EXCEEDED raises)."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    statuses = []
+    while True:
+        request = health_pb2.HealthCheckRequest(service=service)
+        statuses.append((await health.Check(request, timeout=1.0)).status)
+        if all(call.done() for call in pending):
+            return statuses
+        await asyncio.sleep(0.05)

@@ -8,14 +8,14 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from services.bias import fairness
 from services.bias.config import BiasConfig
 from services.bias.servicer import BiasTier
 from tiermesh.bias.v1 import bias_pb2 as pb
 from tiermesh.bias.v1 import bias_pb2_grpc
-from tiermesh.kit.testing import scratch_registry, serving_in_process, tier_config
+from tiermesh.kit.testing import health_while, scratch_registry, serving_in_process, tier_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -294,18 +294,6 @@ async def storeless(tmp_path, bias_text_model):
         yield running
 
 
-async def health_while(channel: grpc.aio.Channel, pending: list[asyncio.Future]) -> list[int]:
-    """The tier's health, checked with a 1 s deadline each time, until every pending call is done."""
-    health = health_pb2_grpc.HealthStub(channel)
-    statuses = []
-    while True:
-        request = health_pb2.HealthCheckRequest(service=BiasTier.service_names[0])
-        statuses.append((await health.Check(request, timeout=1.0)).status)
-        if all(call.done() for call in pending):
-            return statuses
-        await asyncio.sleep(0.05)
-
-
 async def test_health_checks_answer_while_crafted_texts_are_scored(storeless, caplog):
     crafted = "women " * 2730  # one 16 KB sentence of mentions: ~20 s on the event loop before
     async with grpc.aio.insecure_channel(storeless.address) as channel:
@@ -314,7 +302,7 @@ async def test_health_checks_answer_while_crafted_texts_are_scored(storeless, ca
             asyncio.ensure_future(stub.ScoreText(pb.ScoreTextRequest(text=crafted), timeout=60))
             for _ in range(4)
         ]
-        statuses = await health_while(channel, calls)
+        statuses = await health_while(channel, BiasTier.service_names[0], calls)
         answers = await asyncio.gather(*calls)
     assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
     for answer in answers:

@@ -7,7 +7,7 @@ import shutil
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from services.classifiers import credit
@@ -16,7 +16,7 @@ from services.classifiers.servicer import ClassifiersTier
 from tiermesh.classifiers.v1 import classifiers_pb2 as pb
 from tiermesh.classifiers.v1 import classifiers_pb2_grpc
 from tiermesh.kit.registry import METADATA
-from tiermesh.kit.testing import scratch_registry, serving_in_process, tier_config
+from tiermesh.kit.testing import health_while, scratch_registry, serving_in_process, tier_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -167,18 +167,6 @@ async def test_publishes_swap_models_live_and_a_broken_version_keeps_the_old_one
             await call(server, "ScoreCreditRisk", pinned)
 
 
-async def health_while(channel: grpc.aio.Channel, pending: list[asyncio.Future]) -> list[int]:
-    """The tier's health, checked with a 1 s deadline each time, until every pending call is done."""
-    health = health_pb2_grpc.HealthStub(channel)
-    statuses = []
-    while True:
-        request = health_pb2.HealthCheckRequest(service=ClassifiersTier.service_names[0])
-        statuses.append((await health.Check(request, timeout=1.0)).status)
-        if all(call.done() for call in pending):
-            return statuses
-        await asyncio.sleep(0.05)
-
-
 async def test_health_checks_answer_while_long_runs_are_searched_for_entities(registry):
     digits = "Can I borrow " + "9" * 2_000 + "?"  # ~1 s holding the GIL before
     spaces = "My account" + " " * 2_000 + "is overdrawn"  # ~50 s holding the GIL before
@@ -192,7 +180,7 @@ async def test_health_checks_answer_while_long_runs_are_searched_for_entities(re
             asyncio.ensure_future(stub.ExtractEntities(pb.ExtractEntitiesRequest(text=text), timeout=60))
             for text in (digits, spaces, digits, spaces)
         ]
-        statuses = await health_while(channel, calls)
+        statuses = await health_while(channel, ClassifiersTier.service_names[0], calls)
         answers = await asyncio.gather(*calls)
     assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
     rules = (pb.ENTITY_LABEL_MONEY, pb.ENTITY_LABEL_ACCOUNT)

@@ -15,6 +15,7 @@ from services.llm.config import LlmConfig
 from services.llm.servicer import LlmTier
 from services.llm.tests.conftest import TINY_MODEL, tiny_config
 from tiermesh.kit.server import TierServer
+from tiermesh.kit.testing import health_while
 from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
 
 SERVICE = "tiermesh.llm.v1.LlmService"
@@ -301,18 +302,6 @@ async def test_not_serving_and_unavailable_before_the_engine_is_loaded(tiny_mode
         await server.stop(grace=0)
 
 
-async def health_while(channel: grpc.aio.Channel, pending: list[asyncio.Future]) -> list[int]:
-    """The tier's health, checked with a 1 s deadline each time, until every pending call is done."""
-    health = health_pb2_grpc.HealthStub(channel)
-    statuses = []
-    while True:
-        request = health_pb2.HealthCheckRequest(service=SERVICE)
-        statuses.append((await health.Check(request, timeout=1.0)).status)
-        if all(call.done() for call in pending):
-            return statuses
-        await asyncio.sleep(0.05)
-
-
 async def test_over_long_input_is_refused_by_size_while_health_checks_answer(llm_server):
     # 80,000 characters cannot fit 2,048 tokens at 16 characters a token: refused untokenized.
     too_long = llm_pb2.GenerateRequest(chat=chat(*[(USER, "loan " * 4_000)] * 4))
@@ -324,7 +313,7 @@ async def test_over_long_input_is_refused_by_size_while_health_checks_answer(llm
             asyncio.ensure_future(stub.Generate(request, timeout=30))
             for request in [too_long] * 8 + [tokenized] * 4
         ]
-        statuses = await health_while(channel, calls)
+        statuses = await health_while(channel, SERVICE, calls)
         errors = await asyncio.gather(*calls, return_exceptions=True)
     assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
     assert all(isinstance(e, grpc.aio.AioRpcError) for e in errors), errors
