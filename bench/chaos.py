@@ -9,7 +9,9 @@ runs under steady concurrent load while one fault at a time is injected:
   store SIGKILL          valkey killed under REST /v1/embeddings calls with a known API key
   llm SIGKILL            (--llm) the only llm replica killed with streams in flight
   overload               2,000 concurrent deadline-less Search calls (4 channels x 500) against
-                         a capacity of 2 x 256: refused at once, memory of Envoy and the replicas
+                         a capacity of 2 x 256, five rounds: how many are refused, how fast (as
+                         the client saw it, and as Envoy's access log timed it), and the memory
+                         of Envoy and the replicas after each round
 
 Each fault's row compares its window (from the fault until the component is back, plus 2 s) with
 the steady window just before it in the same run: calls, failed calls, p50/p99 latency, and the
@@ -208,15 +210,42 @@ async def overload(envoy: str, calls: int = 2000, channels: int = 4) -> dict[str
     }
 
 
-def overload_row(mesh: Mesh, status: dict[str, Any]) -> dict[str, Any]:
+def envoy_refusals(log: Path, skip_lines: int) -> dict[str, Any]:
+    """Envoy's own timing of the calls it refused (flag UO: circuit breaker) or relayed refused
+    by a tier (gRPC status 8), from its access log after line `skip_lines`: the server side of a
+    refusal, without the client's queueing on a busy host."""
+    import json
+
+    overflow, by_tier = [], []
+    for line in log.read_text(errors="replace").splitlines()[skip_lines:]:
+        try:
+            entry = json.loads(line[line.index("{") :])
+        except ValueError:
+            continue
+        if "UO" in str(entry.get("flags")):
+            overflow.append(float(entry["duration_ms"]) / 1000)
+        elif str(entry.get("grpc_status")) == "8":
+            by_tier.append(float(entry["duration_ms"]) / 1000)
+    return {
+        "circuit_breaker": {"count": len(overflow)} | percentiles(overflow),
+        "tier_limit": {"count": len(by_tier)} | percentiles(by_tier),
+    }
+
+
+def overload_row(mesh: Mesh, status: dict[str, Any], rounds: int = 5) -> dict[str, Any]:
     names = ["envoy", "retriever", "retriever-2"]
     pids = [mesh.status()[name]["pid"] for name in names]
-    before = rss_mib(pids)
-    rounds = [asyncio.run(overload(status["envoy"]["grpc"])) for _ in range(3)]
-    after = rss_mib(pids)
-    refused = [r["refused"] for r in rounds]
-    log(f"overload: {refused} of 2000 refused per round; RSS {before:.0f} -> {after:.0f} MiB")
-    return {"fault": "overload", "rounds": rounds, "rss_mib_before": before, "rss_mib_after": after}
+    log_file = Path(mesh.state()["envoy"]["log"])
+    rss = [rss_mib(pids)]
+    results = []
+    for _ in range(rounds):
+        lines = len(log_file.read_text(errors="replace").splitlines())
+        result = asyncio.run(overload(status["envoy"]["grpc"]))
+        time.sleep(1.5)  # Envoy flushes its access log once a second
+        results.append(result | {"envoy": envoy_refusals(log_file, lines)})
+        rss.append(rss_mib(pids))
+    log(f"overload: {[r['refused'] for r in results]} of 2000 refused per round; RSS {rss} MiB")
+    return {"fault": "overload", "rounds": results, "rss_mib": rss}
 
 
 def run_faults(mesh: Mesh, status: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -255,14 +284,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         if row["fault"] == "overload":
             for r in row["rounds"]:
+                breaker, tier = r["envoy"]["circuit_breaker"], r["envoy"]["tier_limit"]
+                client = r["refused_latency"]
                 print(
                     f"overload: {r['calls']} concurrent Search, {r['served']} served (p99 "
-                    f"{r['served_latency']['p99_ms']:.0f} ms), {r['refused']} refused (p50 "
-                    f"{r['refused_latency']['p50_ms']:.1f} ms, p99 {r['refused_latency']['p99_ms']:.1f} ms) "
-                    f"{r['by_status']}"
+                    f"{r['served_latency']['p99_ms']:.0f} ms), {r['refused']} refused (client p50 "
+                    f"{client['p50_ms']:.1f} ms, p99 {client['p99_ms']:.1f} ms) {r['by_status']}; "
+                    f"Envoy: {breaker['count']} by its circuit breaker (p50 {breaker['p50_ms']:.1f} ms, "
+                    f"p99 {breaker['p99_ms']:.1f} ms), {tier['count']} by the tier "
+                    f"(p50 {tier['p50_ms']:.1f} ms)"
                 )
-            rss = f"{row['rss_mib_before']:.0f} -> {row['rss_mib_after']:.0f} MiB"
-            print(f"overload: RSS of Envoy + 2 retrievers {rss}")
+            print(f"overload: RSS of Envoy + 2 retrievers after each round (MiB): {row['rss_mib']}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -122,3 +122,19 @@ def verdicts(results: Sequence[dict[str, Any]]) -> str:
         at = f" at {r['at']}" if r.get("at") else ""
         lines.append(f"target: {r['target']}: measured {measured}{at} -> {'met' if r['met'] else 'NOT met'}")
     return "\n".join(lines)
+
+
+async def unlimited_key(store_url: str, name: str) -> str:
+    """A new API key (its secret) whose rate limits a benchmark never reaches."""
+    import redis.asyncio as aioredis
+
+    from services.gateway.keys import KeyStore
+
+    client = aioredis.Redis.from_url(store_url)
+    try:
+        secret, _ = await KeyStore(client).create(
+            name, requests_per_minute=1_000_000_000, tokens_per_minute=1_000_000_000_000
+        )
+    finally:
+        await client.aclose()
+    return secret

@@ -62,7 +62,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import host, keep_in_flight, log, percentiles, summary, verdicts, write_json
+from bench.common import host, keep_in_flight, log, percentiles, summary, unlimited_key, verdicts, write_json
 from services.gateway.tiers import Reply
 from tiermesh.kit.errors import RpcError
 
@@ -443,21 +443,6 @@ class SpanFile:
         return len(missing)
 
 
-async def create_key(store_url: str) -> str:
-    import redis.asyncio as aioredis
-
-    from services.gateway.keys import KeyStore
-
-    client = aioredis.Redis.from_url(store_url)
-    try:
-        secret, _ = await KeyStore(client).create(
-            "bench-e2e", requests_per_minute=1_000_000_000, tokens_per_minute=1_000_000_000_000
-        )
-    finally:
-        await client.aclose()
-    return secret
-
-
 async def calibrate(client: Any, url: str, count: int) -> dict[str, float]:
     """GET /healthz one at a time: what httpx + (Envoy) + uvicorn + FastAPI cost with no flow."""
     for _ in range(10):
@@ -516,7 +501,7 @@ async def mesh_phase(questions: Sequence[str], plan: Plan) -> tuple[list[Level],
         begun = time.perf_counter()
         with running_mesh(home, **overrides) as (_mesh, status):
             log(f"mesh: up in {time.perf_counter() - begun:.0f} s; REST at {status['envoy']['http']}")
-            secret = await create_key(status["store"]["url"])
+            secret = await unlimited_key(status["store"]["url"], "bench-e2e")
             spans = SpanFile(traces)
             url = f"http://{status['envoy']['http']}/v1/advice"
             headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}

@@ -33,7 +33,14 @@ from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2
 from tiermesh.gateway.v1 import gateway_pb2
 from tiermesh.kit import metrics
-from tiermesh.kit.errors import DeadlineExceeded, InvalidArgument, RpcError, Unavailable, check_text
+from tiermesh.kit.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    RpcError,
+    Unavailable,
+    check_text,
+    from_downstream,
+)
 from tiermesh.llm.v1 import llm_pb2
 from tiermesh.retriever.v1 import retriever_pb2
 
@@ -263,9 +270,6 @@ CALLER_FIELDS = {
 def _critical(tier: int, error: grpc.RpcError) -> RpcError:
     """What the caller gets when a tier the answer needs failed: 504 or 503 naming the hop,
     or the tier's own INVALID_ARGUMENT, naming the caller's field it came from."""
-    detail = f"{HOPS[tier]}: {error.code().name}: {error.details()}"
-    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(detail)
     if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
         downstream = (error.details() or "").split(":", 1)[0]
         field = next(
@@ -277,7 +281,7 @@ def _critical(tier: int, error: grpc.RpcError) -> RpcError:
             "options",
         )
         return InvalidArgument(field, f"the {HOPS[tier]} tier refused the request: {error.details()}")
-    return Unavailable(detail)
+    return from_downstream(HOPS[tier], error)
 
 
 class Advisor:

@@ -17,6 +17,7 @@ from services.gateway.cache import ResponseCache
 from services.gateway.config import GatewayConfig
 from services.gateway.feedback import FeedbackStore
 from services.gateway.flow import Advisor, Question, resolve
+from services.gateway.store_memory import watch_store_memory
 from services.gateway.tiers import RemoteTiers
 from tiermesh.common.v1 import common_pb2
 from tiermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -47,7 +48,7 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
         self._http: _EmbeddedServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._app: Any = None
-        self._revocations: asyncio.Task[None] | None = None
+        self._followers: list[asyncio.Task[None]] = []  # of the store; cancelled on stop
 
     @property
     def model(self) -> common_pb2.ModelInfo:
@@ -76,6 +77,7 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
             feedback = FeedbackStore(
                 self._store, ttl_s=config.feedback_ttl_s, max_records=config.feedback_max_records
             )
+            self._followers.append(asyncio.create_task(watch_store_memory(self._store)))
             if config.cache_ttl_s > 0:
                 self._cache = ResponseCache(self._store, config.cache_ttl_s)
                 await self._cache.start()
@@ -99,7 +101,7 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
             listener = aioredis.Redis.from_url(
                 config.store_url, socket_connect_timeout=2, socket_keepalive=True
             )
-            self._revocations = asyncio.create_task(app.state.key_gate.follow_revocations(listener))
+            self._followers.append(asyncio.create_task(app.state.key_gate.follow_revocations(listener)))
         self._http = _EmbeddedServer(
             uvicorn.Config(
                 app,
@@ -131,8 +133,8 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
             self._app.state.draining = True
 
     async def stop(self) -> None:
-        if self._revocations is not None:
-            self._revocations.cancel()
+        for follower in self._followers:
+            follower.cancel()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):

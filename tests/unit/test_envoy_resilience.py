@@ -62,6 +62,27 @@ def test_health_checks_tolerate_one_slow_probe():
     assert cluster(config, "embedder")["health_checks"][0]["unhealthy_threshold"] == 2
 
 
+def test_envoys_own_refusals_on_the_rest_api_are_json_errors_with_retry_after():
+    listeners = yaml.safe_load(render_envoy(read_settings({}), only("gateway")))["static_resources"][
+        "listeners"
+    ]
+    rest = next(listener for listener in listeners if listener["name"] == "rest_ingress")
+    manager = rest["filter_chains"][0]["filters"][0]["typed_config"]
+    mappers = {
+        tuple(m["filter"]["response_flag_filter"]["flags"]): m
+        for m in manager["local_reply_config"]["mappers"]
+    }
+    assert {
+        flags: m["body_format_override"]["json_format"]["error"]["code"] for flags, m in mappers.items()
+    } == {
+        ("UO",): "overloaded",
+        ("UH", "UF", "URX"): "upstream_unavailable",
+    }
+    for mapper in mappers.values():
+        assert mapper["headers_to_add"][0]["header"] == {"key": "retry-after", "value": "1"}
+        assert mapper["body_format_override"]["json_format"]["error"]["param"] is None
+
+
 def test_a_treatment_may_have_its_own_capacity_and_a_bad_one_is_named():
     settings = read_settings({"LLM_TREATMENT": "LLM_MAX_CONCURRENT_RPCS=8"})
     assert max_concurrency(settings, tier_named("llm"), "treatment") == 8

@@ -37,6 +37,12 @@ class Unavailable(RpcError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ResourceExhausted(RpcError):
+    """The tier (or one it calls) is at its limit; the caller should retry after a pause."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class FailedPrecondition(RpcError):
     """The request is valid but the system is not in a state to answer it (e.g. version mismatch)."""
 
@@ -49,11 +55,22 @@ class DeadlineExceeded(RpcError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def overloaded(error: grpc.RpcError) -> bool:
+    """Whether a call was refused for load: by the tier's own limit (RESOURCE_EXHAUSTED) or by
+    Envoy's circuit breaker (UNAVAILABLE, reset reason `overflow`)."""
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return True
+    return error.code() == grpc.StatusCode.UNAVAILABLE and "overflow" in (error.details() or "")
+
+
 def from_downstream(hop: str, error: grpc.aio.AioRpcError) -> RpcError:
-    """What to answer when a call to another tier failed: its deadline, or unavailable, naming it."""
+    """What to answer when a call to another tier failed, naming it: its deadline, its load
+    refusal (so the caller backs off), or unavailable."""
     detail = f"{hop}: {error.code().name}: {error.details()}"
     if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(detail)
+    if overloaded(error):
+        return ResourceExhausted(detail)
     return Unavailable(detail)
 
 

@@ -51,5 +51,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     install_openapi(app, config)
-    app.add_middleware(AccessMiddleware, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(
+        AccessMiddleware, max_body_bytes=config.max_body_bytes, max_in_flight=config.max_concurrent_rpcs
+    )
     return app

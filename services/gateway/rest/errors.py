@@ -12,7 +12,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tiermesh.kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, RpcError, Unavailable
+from tiermesh.kit.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    RpcError,
+    Unavailable,
+)
+
+# Seconds a caller should wait before retrying a 503: a replica restarts or sheds load in about that.
+RETRY_AFTER_S = 1
 
 
 class ApiError(Exception):
@@ -33,14 +43,25 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+RETRY_LATER = {"Retry-After": str(RETRY_AFTER_S)}
+
+
+def overloaded(message: str, *, param: str | None = None) -> ApiError:
+    """503 `overloaded` with `Retry-After`: the gateway or a tier behind it is at its limit."""
+    return ApiError(503, "overloaded", message, param=param, headers=RETRY_LATER)
+
+
 def api_error_from_flow(error: RpcError) -> ApiError:
     """The HTTP form of an error the flow raised."""
     if isinstance(error, InvalidArgument):
         return ApiError(422, "invalid_request", str(error), param=error.field)
     if isinstance(error, DeadlineExceeded):
         return ApiError(504, "upstream_timeout", str(error), param=str(error).split(":", 1)[0])
+    if isinstance(error, ResourceExhausted):
+        return overloaded(str(error), param=str(error).split(":", 1)[0])
     if isinstance(error, Unavailable):
-        return ApiError(503, "upstream_unavailable", str(error), param=str(error).split(":", 1)[0])
+        hop = str(error).split(":", 1)[0]
+        return ApiError(503, "upstream_unavailable", str(error), param=hop, headers=RETRY_LATER)
     if isinstance(error, FailedPrecondition):
         return ApiError(409, "failed_precondition", str(error))
     return ApiError(500, "internal_error", "internal error")

@@ -1,6 +1,7 @@
 """The REST API's outermost layer, a pure ASGI middleware: every HTTP request gets a server span
-(continuing a W3C `traceparent`), an `X-Trace-Id` header, the body size limit (413), a JSON 500
-in place of any stack trace, a Prometheus count by route and status, and an access log line.
+(continuing a W3C `traceparent`), an `X-Trace-Id` header, the concurrency limit (503 `overloaded`
+with `Retry-After`), the body size limit (413), a JSON 500 in place of any stack trace, a
+Prometheus count by route and status, and an access log line.
 """
 
 import logging
@@ -12,7 +13,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from prometheus_client import Counter
 
-from services.gateway.rest.errors import ApiError
+from services.gateway.rest.errors import ApiError, overloaded
 
 # The REST API logs under one name, the one it had as a single module.
 logger = logging.getLogger("services.gateway.rest")
@@ -25,9 +26,11 @@ REST_REQUESTS = Counter(
 class AccessMiddleware:
     """Pure ASGI middleware: a span per request (W3C traceparent in), body size limit, access log."""
 
-    def __init__(self, app: Any, *, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, *, max_body_bytes: int, max_in_flight: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # API requests being answered (one event loop: no lock needed)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -53,7 +56,13 @@ class AccessMiddleware:
                 message["headers"] = [*message["headers"], (b"x-trace-id", trace_id.encode())]
             await send(message)
 
+        admitted = False
         try:
+            if scope["path"].startswith("/v1/"):  # health and docs are never refused
+                if self.in_flight >= self.max_in_flight:
+                    await self._refuse(scope, receive, traced_send)
+                    return
+                self.in_flight, admitted = self.in_flight + 1, True
             body = await self._body(headers, receive)
             if body is None:
                 await ApiError(413, "body_too_large", self._too_large()).response()(
@@ -68,6 +77,7 @@ class AccessMiddleware:
                 message = f"internal error (trace {trace_id})"
                 await ApiError(500, "internal_error", message).response()(scope, receive, traced_send)
         finally:
+            self.in_flight -= admitted
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(status)))
@@ -102,6 +112,13 @@ class AccessMiddleware:
             return messages.pop(0) if messages else await receive()
 
         return replay
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+        message = (
+            f"the gateway is at its limit of {self.max_in_flight} concurrent requests "
+            "(GATEWAY_MAX_CONCURRENT_RPCS); retry later"
+        )
+        await overloaded(message).response()(scope, receive, send)
 
     def _too_large(self) -> str:
         return f"request body: larger than the limit of {self.max_body_bytes} bytes"

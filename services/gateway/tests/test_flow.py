@@ -21,7 +21,7 @@ from tiermesh.classifiers.v1 import classifiers_pb2
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2
 from tiermesh.gateway.v1 import gateway_pb2 as g
-from tiermesh.kit.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from tiermesh.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from tiermesh.kit.testing import tier_config
 from tiermesh.llm.v1 import llm_pb2
 from tiermesh.retriever.v1 import retriever_pb2
@@ -233,13 +233,24 @@ async def test_retrieval_down_is_unavailable_naming_the_hop_unless_configured(rp
 
 @pytest.mark.parametrize(
     ("code", "error"),
-    [(grpc.StatusCode.UNAVAILABLE, Unavailable), (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded)],
+    [
+        (grpc.StatusCode.UNAVAILABLE, Unavailable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted),
+    ],
 )
 async def test_llm_failures_fail_the_request_naming_the_llm(code, error):
     tiers = ScriptedTiers(Generate=failure(code, "gone"))
     with pytest.raises(error, match=f"^llm: {code.name}: gone"):
         await ask(tiers)
     assert "ScoreText" not in tiers.rpcs()
+
+
+async def test_envoys_circuit_breaker_overflow_is_a_load_refusal_not_an_outage():
+    overflow = "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+    tiers = ScriptedTiers(Search=failure(grpc.StatusCode.UNAVAILABLE, overflow))
+    with pytest.raises(ResourceExhausted, match=r"^retriever: UNAVAILABLE: .*overflow"):
+        await ask(tiers)
 
 
 async def test_a_refused_option_downstream_is_the_callers_invalid_argument():

@@ -1,15 +1,18 @@
 """The REST forms of an answer and of request errors (the routes themselves are tested through
 Envoy in tests/integration/test_gateway.py)."""
 
+import json
+
 import grpc
 import pytest
 
 from services.gateway.config import GatewayConfig
 from services.gateway.rest import create_app
-from services.gateway.rest.errors import field_path
+from services.gateway.rest.errors import api_error_from_flow, field_path
 from services.gateway.rest.protocol import AdviceOut, advice_json
 from services.gateway.tests.test_flow import ScriptedTiers, ask, failure
 from tiermesh.classifiers.v1 import classifiers_pb2
+from tiermesh.kit.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from tiermesh.kit.testing import tier_config
 
 
@@ -49,3 +52,19 @@ def test_the_openapi_document_states_this_gateways_configured_limits():
     assert models["ChatCompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 64
     assert models["AdviceRequest"]["properties"]["question"]["maxLength"] == 500
     assert "repaid" in models["FeedbackRequest"]["properties"]["outcome"]["enum"]
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code", "retry_after"),
+    [
+        (ResourceExhausted("llm: RESOURCE_EXHAUSTED: at its limit"), 503, "overloaded", "1"),
+        (Unavailable("retriever: UNAVAILABLE: connection refused"), 503, "upstream_unavailable", "1"),
+        (DeadlineExceeded("llm: DEADLINE_EXCEEDED: late"), 504, "upstream_timeout", None),
+    ],
+)
+def test_failures_downstream_say_whether_and_when_to_retry(error, status, code, retry_after):
+    answer = api_error_from_flow(error).response()
+    assert answer.status_code == status
+    assert json.loads(answer.body)["error"]["code"] == code
+    assert json.loads(answer.body)["error"]["param"] == str(error).split(":", 1)[0]
+    assert answer.headers.get("retry-after") == retry_after
