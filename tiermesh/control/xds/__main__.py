@@ -1,0 +1,142 @@
+"""The mesh's xDS control plane: serves Envoy its clusters, endpoints, routes and A/B weights.
+
+    python -m tiermesh.control.xds --port 18000 --state run/state.json --store redis://...
+    python -m tiermesh.control.xds --bootstrap envoy.yaml ...   # write Envoy's bootstrap and exit
+
+Endpoints are the replicas the local runner's state file lists (`--source local`), or, in
+Kubernetes (`--source kubernetes`), the ready endpoints of the tiers' EndpointSlices in this pod's
+namespace (deploy/k8s/); Envoy health-checks them either way. The weights are the store's
+`tiermesh:weights` hash (tier -> treatment weight in hundredths of a
+percent). Both are re-read every `--interval` seconds and pushed when they change; a store outage
+keeps the last weights. If this process dies, Envoy keeps its last configuration; restarted, it
+serves the same resources again (they are derived, not remembered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import yaml
+
+from tiermesh.control.xds import protos
+from tiermesh.control.xds.resources import MeshConfig, mesh_config
+from tiermesh.control.xds.server import AggregatedDiscovery, Snapshots
+from tiermesh.control.xds.sources import EndpointSource, KubernetesEndpoints, StateFileEndpoints, StoreWeights
+from tiermesh.kit.logs import configure
+from tiermesh.kit.topology import TIERS, TopologyError, only, read_settings
+
+logger = logging.getLogger("tiermesh.control.xds")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tiermesh.control.xds",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve ADS on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=18000, help="ADS port (default 18000)")
+    parser.add_argument(
+        "--tiers", default=",".join(t.name for t in TIERS), help="the tiers the mesh runs (default: all)"
+    )
+    parser.add_argument(
+        "--source", choices=("local", "kubernetes"), default="local", help="where the replicas are listed"
+    )
+    parser.add_argument("--state", type=Path, help="--source local: the runner's state file (the replicas)")
+    parser.add_argument("--store", default="", help="redis:// URL of the store holding the weights")
+    parser.add_argument("--interval", type=float, default=0.2, help="seconds between re-reads (default 0.2)")
+    parser.add_argument("--status", type=Path, help="write what Envoy accepted and refused here (JSON)")
+    parser.add_argument("--bootstrap", type=Path, help="write Envoy's bootstrap (YAML) here and exit")
+    return parser.parse_args(argv)
+
+
+async def follow(
+    config: MeshConfig, snapshots: Snapshots, args: argparse.Namespace, endpoints: EndpointSource
+) -> None:
+    """Re-read the replicas and weights, push what changed, and keep the status file current."""
+    weights = StoreWeights(args.store) if args.store else None
+    last: dict[str, int] = {}
+    while True:
+        if weights is not None:
+            last = await weights.read(last)
+        changed = snapshots.update(config.resources(await endpoints.read(), last))
+        if changed:
+            logger.info("xds: new %s", ", ".join(t.rsplit(".", 1)[-1] for t in changed))
+        if args.status:
+            write_status(args.status, snapshots)
+        await asyncio.sleep(args.interval)
+
+
+def write_status(path: Path, snapshots: Snapshots) -> None:
+    status = {
+        "pid": os.getpid(),
+        "at": time.time(),
+        "versions": {t.rsplit(".", 1)[-1]: s.version for t, s in snapshots.types.items()},
+        "acked": [
+            {"node": n, "type": t.rsplit(".", 1)[-1], "version": v} for (n, t), v in snapshots.acks.items()
+        ],
+        "rejected": [vars(r) for r in snapshots.rejections],
+    }
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(json.dumps(status))
+    scratch.replace(path)
+
+
+async def serve(args: argparse.Namespace, config: MeshConfig, endpoints: EndpointSource) -> None:
+    snapshots = Snapshots()
+    snapshots.update(config.resources(await endpoints.read(), {}))
+    server = grpc.aio.server()
+    AggregatedDiscovery(snapshots).register(server)
+    server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    logger.info("xds: serving ADS on %s:%d", args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    following = asyncio.create_task(follow(config, snapshots, args, endpoints))
+    await stop.wait()
+    following.cancel()
+    await server.stop(grace=1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure("xds")
+    try:
+        tiers = only(*args.tiers.split(","))
+        config = mesh_config(read_settings(), tiers, (args.host, args.port))
+    except TopologyError as error:
+        logger.error("xds: %s", error)
+        return 2
+    if args.bootstrap:
+        args.bootstrap.write_text(yaml.safe_dump(config.bootstrap, sort_keys=False))
+        return 0
+    try:
+        protos.load()
+    except protos.ProtosMissing as error:
+        logger.error("xds: %s", error)
+        return 2
+    if args.source == "local":
+        endpoints: EndpointSource = StateFileEndpoints(args.state)
+    else:
+        try:
+            endpoints = KubernetesEndpoints.in_cluster()
+        except (KeyError, OSError) as error:
+            logger.error("xds: --source kubernetes needs to run in a pod (missing %s)", error)
+            return 2
+    asyncio.run(serve(args, config, endpoints))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
