@@ -344,27 +344,17 @@ class Mesh:
         if not self._sink_wanted(env):
             envoy_settings.pop("OTLP_SINK_PORT", None)
         elif self._wanted(state, "otlp-sink"):
-            state["otlp-sink"] = self._start_sink(int(s["OTLP_SINK_PORT"]), Path(env["TIERMESH_TRACES_FILE"]))
-            self._save(state)
-            wait_until(
-                lambda: grpc_health(state["otlp-sink"]["grpc"]) == "SERVING",
-                timeout=15,
-                what="otlp-sink",
-                **self.watch(state, "otlp-sink"),
-            )
+            sink = self._start_sink(int(s["OTLP_SINK_PORT"]), Path(env["TIERMESH_TRACES_FILE"]))
+            self._serving(state, "otlp-sink", sink, timeout=15)
             progress(f"otlp-sink: Envoy's spans go to {env['TIERMESH_TRACES_FILE']}")
+        if s.get("ENVOY_CONFIG", "file") == "xds":
+            config = self._up_xds(state, tiers, env, {**self.environ, **envoy_settings}, progress)
+        elif self._wanted(state, "envoy"):
+            config = self._envoy_file({**self.environ, **envoy_settings}, tiers, fresh="envoy" not in state)
         if not self._wanted(state, "envoy"):
             return
-        # A/B weights set live survive a restart of Envoy (by its supervisor, or by `up` on a
-        # mesh whose Envoy died), not a new mesh.
-        runtime = PersistedRuntime(self.run_dir / "runtime")
-        if "envoy" in state:
-            runtime.ensure()
-        else:
-            runtime.reset()
-        envoy_settings["ENVOY_RUNTIME_DIR"] = str(runtime.root)
         config_path = self.run_dir / "envoy.yaml"
-        write_checked(render_envoy({**self.environ, **envoy_settings}, tiers), config_path)
+        write_checked(config, config_path)
         argv = [
             envoy_binary(),
             "-c",
@@ -385,6 +375,55 @@ class Mesh:
         if any(tier.rest for tier in tiers):
             state["envoy"]["http"] = f"127.0.0.1:{s['ENVOY_HTTP_PORT']}"
         self._save(state)
+
+    def _envoy_file(self, settings: Mapping[str, str], tiers: tuple[TierSpec, ...], *, fresh: bool) -> str:
+        """Envoy's whole configuration as one file. A/B weights set live survive a restart of
+        Envoy (by its supervisor, or by `up` on a mesh whose Envoy died), not a new mesh."""
+        runtime = PersistedRuntime(self.run_dir / "runtime")
+        if fresh:
+            runtime.reset()
+        else:
+            runtime.ensure()
+        return render_envoy({**settings, "ENVOY_RUNTIME_DIR": str(runtime.root)}, tiers)
+
+    def _up_xds(
+        self,
+        state: dict[str, Any],
+        tiers: tuple[TierSpec, ...],
+        env: Mapping[str, str],
+        settings: Mapping[str, str],
+        progress: Callable[[str], None],
+    ) -> str:
+        """The xDS control plane (supervised), serving Envoy the replicas of the state file and
+        the weights of the store; returns Envoy's bootstrap, which points at it."""
+        import yaml
+
+        from tiermesh.control.xds.resources import mesh_config
+
+        port = int(self.settings["XDS_PORT"])
+        store_url = state["store"]["url"]
+        if self._wanted(state, "xds"):
+            argv = [sys.executable, "-m", "tiermesh.control.xds", "--port", str(port),
+                    "--tiers", ",".join(t.name for t in tiers), "--state", str(self.state_file),
+                    "--store", store_url, "--status", str(self.run_dir / "xds.json")]  # fmt: skip
+            started = {**self._spawn("xds", argv, env, "tiermesh.control.xds"), "grpc": f"127.0.0.1:{port}"}
+            self._serving(state, "xds", started, timeout=30)
+            progress(f"xds: the control plane serves Envoy's configuration on 127.0.0.1:{port}")
+        bootstrap = mesh_config(settings, tiers, ("127.0.0.1", port)).bootstrap
+        # `tiermesh traffic` finds the store the weights live in here (EnvoyAdmin.weights_store)
+        bootstrap["node"]["metadata"] = {"tiermesh_store": store_url}
+        return yaml.safe_dump(bootstrap, sort_keys=False)
+
+    def _serving(self, state: dict[str, Any], name: str, started: dict[str, Any], *, timeout: float) -> None:
+        """Record a started helper process, then wait until its gRPC health says SERVING."""
+        state[name] = started
+        self._save(state)
+        wait_until(
+            lambda: grpc_health(started["grpc"]) == "SERVING",
+            timeout=timeout,
+            what=name,
+            **self.watch(state, name),
+        )
 
     def _await_serving(
         self, state: dict[str, Any], tiers: tuple[TierSpec, ...], progress: Callable[[str], None]
@@ -523,8 +562,26 @@ class Mesh:
                 entry["health"] = envoy_ready(component["admin"])
             else:
                 entry["health"] = grpc_health(component["grpc"], component.get("service", ""))
+            if name == "xds":
+                entry.update(_xds_rejections(self.run_dir / "xds.json"))
             report[name] = entry
         return report
+
+
+def _xds_rejections(status_file: Path) -> dict[str, Any]:
+    """The configurations Envoy refused lately, as the control plane recorded them ({} if none)."""
+    try:
+        rejected = json.loads(status_file.read_text()).get("rejected", [])
+    except (OSError, ValueError):
+        return {}
+    if not rejected:
+        return {}
+    last = rejected[-1]
+    kind = str(last.get("type_url", "")).rsplit(".", 1)[-1]
+    return {
+        "rejected": len(rejected),
+        "last_rejection": f"{kind} {last.get('version')}: {last.get('message')}",
+    }
 
 
 def supervisor_status(component: Mapping[str, Any]) -> dict[str, Any]:

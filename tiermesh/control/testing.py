@@ -34,6 +34,7 @@ def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
         "ENVOY_METRICS_PORT": str(free_port()),
         "STORE_PORT": str(free_port()),
         "OTLP_SINK_PORT": str(free_port()),
+        "XDS_PORT": str(free_port()),
         "HF_HUB_OFFLINE": "1",
     }
     environ.pop("REDIS_URL", None)

@@ -24,7 +24,15 @@ from typing import Any
 
 from tiermesh.control.runner import Mesh
 from tiermesh.control.runtime_layer import PersistedRuntime
-from tiermesh.kit.topology import ARM_HEADER, ARMS, RUNTIME_PREFIX, TIERS, WEIGHT_SCALE, read_settings
+from tiermesh.kit.topology import (
+    ARM_HEADER,
+    ARMS,
+    RUNTIME_PREFIX,
+    TIERS,
+    WEIGHT_SCALE,
+    WEIGHTS_KEY,
+    read_settings,
+)
 
 
 class TrafficError(RuntimeError):
@@ -43,6 +51,7 @@ class EnvoyAdmin:
         self.address = address
         self.timeout = timeout
         self._persisted: tuple[PersistedRuntime | None] | None = None  # found once: bootstraps don't change
+        self._store: tuple[str | None] | None = None
 
     def _request(self, path: str, *, method: str = "GET") -> bytes:
         request = urllib.request.Request(f"http://{self.address}{path}", method=method)
@@ -66,7 +75,11 @@ class EnvoyAdmin:
         return {key: entry.get("final_value", "") for key, entry in entries.items()}
 
     def modify_runtime(self, values: Mapping[str, str]) -> None:
-        """Set runtime keys: on disk first when Envoy has a disk layer here, then in its admin layer."""
+        """Set runtime keys: first where they outlive Envoy (the store its control plane serves
+        weights from, or its disk layer), then in its admin layer, which applies them at once."""
+        store = self.weights_store()
+        if store is not None:
+            keep_weights(store, values)
         persisted = self.persisted_runtime()
         if persisted is not None:
             try:
@@ -74,6 +87,17 @@ class EnvoyAdmin:
             except OSError as error:
                 raise TrafficError(f"could not keep the runtime keys in {persisted.root}: {error}") from None
         self._request("/runtime_modify?" + urllib.parse.urlencode(values), method="POST")
+
+    def weights_store(self) -> str | None:
+        """The store whose `tiermesh:weights` the xDS control plane serves to this Envoy (its
+        bootstrap's node metadata names it), or None when Envoy's config is a file."""
+        if self._store is None:
+            self._store = (None,)
+            for config in self.config_dump().get("configs", []):
+                url = config.get("bootstrap", {}).get("node", {}).get("metadata", {}).get("tiermesh_store")
+                if url:
+                    self._store = (url,)
+        return self._store[0]
 
     def persisted_runtime(self) -> PersistedRuntime | None:
         """The disk runtime layer of Envoy's bootstrap, when its directory is on this machine."""
@@ -100,6 +124,26 @@ class EnvoyAdmin:
                     (bucket["upper_bound"], bucket.get("cumulative", 0)) for bucket in histogram["buckets"]
                 ]
         return values
+
+
+def keep_weights(store_url: str, values: Mapping[str, str]) -> None:
+    """Each treatment weight among runtime `values` (`<prefix>.<tier>.<tier>_treatment`) into the
+    store's `tiermesh:weights` hash, which the control plane serves to every Envoy over RTDS."""
+    import redis
+
+    weights = {}
+    for key, value in values.items():
+        *_, tier, cluster = key.split(".")
+        if cluster == f"{tier}_treatment":
+            weights[tier] = int(value)
+    if not weights:
+        return
+    try:
+        redis.Redis.from_url(store_url, socket_timeout=2, socket_connect_timeout=2).hset(
+            WEIGHTS_KEY, mapping=weights
+        )
+    except (redis.RedisError, OSError) as error:
+        raise TrafficError(f"could not keep the weights in the store at {store_url}: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)

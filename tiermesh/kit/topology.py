@@ -35,6 +35,8 @@ ARMS = ("control", "treatment")
 WEIGHT_SCALE = 10_000
 # Envoy's runtime keys of the A/B weights: `tiermesh.weights.<tier>.<cluster>`.
 RUNTIME_PREFIX = "tiermesh.weights"
+# The store's hash of A/B weights (tier -> treatment weight) the xDS control plane serves to Envoy.
+WEIGHTS_KEY = "tiermesh:weights"
 
 # Settings a treatment may not override: the runner gives each deployment its own ports and arm.
 _RUNNER_OWNED = ("_GRPC_PORT", "_METRICS_PORT", "_HTTP_PORT", "_REPLICAS", "TIERMESH_ARM", "TIERMESH_HOME")

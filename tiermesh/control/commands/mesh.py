@@ -73,6 +73,8 @@ def _print_status(report: dict, as_json: bool) -> None:
         print(f"{name:<14} {entry['health']:<12} {_supervision(entry):<34} {addresses}")
         if entry.get("log_tail"):
             print("  " + entry["log_tail"].replace("\n", "\n  "))
+        if entry.get("rejected"):
+            print(f"  Envoy refused {entry['rejected']} configuration(s); last: {entry['last_rejection']}")
 
 
 def _supervision(entry: dict) -> str:

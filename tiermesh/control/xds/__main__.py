@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import yaml
+from grpc_health.v1 import health, health_pb2_grpc
 
 from tiermesh.control.xds import protos
 from tiermesh.control.xds.resources import MeshConfig, mesh_config
@@ -96,6 +97,8 @@ async def serve(args: argparse.Namespace, config: MeshConfig, endpoints: Endpoin
     snapshots.update(config.resources(await endpoints.read(), {}))
     server = grpc.aio.server()
     AggregatedDiscovery(snapshots).register(server)
+    # SERVING (the empty service) from the start: the first snapshot is built before the port opens
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     logger.info("xds: serving ADS on %s:%d", args.host, args.port)

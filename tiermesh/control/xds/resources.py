@@ -126,8 +126,9 @@ def runtime_layer(weighted_tiers: Sequence[TierSpec], weights: Mapping[str, int]
     for tier in weighted_tiers:
         treatment = min(max(int(weights.get(tier.name, 0)), 0), WEIGHT_SCALE)
         prefix = runtime_prefix(tier.name)
-        layer[f"{prefix}.{cluster_name(tier, 'control')}"] = WEIGHT_SCALE - treatment
-        layer[f"{prefix}.{cluster_name(tier, 'treatment')}"] = treatment
+        for suffix in ("", "_rest") if tier.rest else ("",):  # the REST route moves with the gRPC one
+            layer[f"{prefix}.{cluster_name(tier, 'control')}{suffix}"] = WEIGHT_SCALE - treatment
+            layer[f"{prefix}.{cluster_name(tier, 'treatment')}{suffix}"] = treatment
     return {"name": RUNTIME_LAYER, "layer": layer}
 
 

@@ -15,11 +15,9 @@ import redis.asyncio as aioredis
 
 from tiermesh.control.kubernetes import SELECTOR, endpoints_from_slices
 from tiermesh.control.xds.resources import Endpoints
-from tiermesh.kit.topology import cluster_name, tier_named
+from tiermesh.kit.topology import WEIGHTS_KEY, cluster_name, tier_named
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_KEY = "tiermesh:weights"
 
 
 class EndpointSource(Protocol):
