@@ -60,6 +60,10 @@ def restarts(steady_s: float) -> list[dict[str, Any]]:
             row = fault_row(label, recorder, kill(mesh, name, healthy, 60), steady_s)
             back_at = fault_at + row["recovery_s"]
             row["after_back"] = recorder.window(back_at, back_at + 2.0)
+            # a call that fails after Envoy is back is a client still waiting to reconnect ("failed
+            # to connect"): when the first call after it succeeds says when Envoy served again
+            served = [c[0] - back_at for c in recorder.calls if c[0] >= back_at and c[2] == "OK"]
+            row["first_ok_after_back_s"] = min(served, default=float("nan"))
             row["split_before"] = before
             row["split_after"] = split_of(EnvoyAdmin(status["envoy"]["admin"]), "retriever").weights
             rows.append(row)
@@ -96,6 +100,8 @@ def print_report(faults: list[dict[str, Any]], scaling: list[dict[str, Any]]) ->
         )
         for label, w in windows:
             back = f"{row['recovery_s']:.1f}" if label == "fault" else ""
+            if label == "after back":
+                back = f"+{row['first_ok_after_back_s']:.2f}"  # the first call served after it
             split = f"{row['split_before']} -> {row['split_after']}" if label == "fault" else ""
             cells = f"{w['calls']:>6} {w['failed']:>6} {w['p99_ms']:>8.1f} {back:>7}"
             print(f"{row['fault']:<40} {label:<11} {cells}  {split}")
