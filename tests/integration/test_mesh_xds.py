@@ -3,17 +3,21 @@ runner starts and supervises the control plane, `tiermesh traffic` moves the spl
 store, and the split survives Envoy's restart and the control plane's."""
 
 import os
+import re
 import signal
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
-from tiermesh.control.runner import Mesh
+from tiermesh.control.runner import Mesh, RunnerError
+from tiermesh.control.scale import scale
 from tiermesh.control.testing import running_mesh
 from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of
-from tiermesh.kit.topology import ARM_HEADER, only
+from tiermesh.kit.topology import ARM_HEADER, only, tier_named
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -85,3 +89,55 @@ def test_a_split_set_with_traffic_survives_envoy_and_control_plane_restarts(xds_
     }
     set_treatment(EnvoyAdmin(status["envoy"]["admin"]), "retriever", 0)
     assert arms_seen(status) == {"control"}
+
+
+def calls_to(admin: str, address: str) -> int:
+    with urllib.request.urlopen(f"http://{admin}/clusters", timeout=2) as response:
+        found = re.search(
+            rf"^retriever::{re.escape(address)}::rq_total::(\d+)$", response.read().decode(), re.M
+        )
+    return int(found.group(1)) if found else 0
+
+
+def test_scaling_out_and_in_under_load_fails_no_call(xds_mesh):
+    mesh, status = xds_mesh
+    failures, calls, stop = [], [0], threading.Event()
+
+    def load() -> None:
+        with grpc.insecure_channel(status["envoy"]["grpc"]) as channel:
+            stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.Search(retriever_pb2.SearchRequest(text="APR?", k=1), timeout=10)
+                    calls[0] += 1
+                except grpc.RpcError as error:
+                    failures.append(f"{error.code().name}: {error.details()}")
+
+    clients = [threading.Thread(target=load) for _ in range(4)]
+    for client in clients:
+        client.start()
+    try:
+        lines = []
+        scale(mesh, tier_named("retriever"), 3, progress=lines.append)
+        third = mesh.state()["retriever-3"]["grpc"]
+        wait_for(lambda: calls_to(status["envoy"]["admin"], third) > 10, 15, "calls on the new replica")
+        scale(mesh, tier_named("retriever"), 2, progress=lines.append)
+        assert "retriever-3" not in mesh.state() and "retriever-3" not in mesh.status()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    assert failures == [] and calls[0] > 100, (failures[:5], calls)
+    assert any("retriever-3: SERVING and in Envoy's pool" in line for line in lines), lines
+    assert any("retriever-3: drained and stopped" in line for line in lines), lines
+
+
+def test_scaling_needs_the_control_plane_and_a_sane_count(tmp_path, xds_mesh):
+    mesh, _status = xds_mesh
+    with pytest.raises(RunnerError, match="from 1 to 64, got 0"):
+        scale(mesh, tier_named("retriever"), 0)
+    static = Mesh({**os.environ, "TIERMESH_HOME": str(tmp_path)})
+    static.save({"retriever": {"tier": "retriever", "arm": "control", "grpc": "127.0.0.1:1"}})
+    with pytest.raises(RunnerError, match="needs Envoy on the xDS control plane: set ENVOY_CONFIG=xds"):
+        scale(static, tier_named("retriever"), 3)

@@ -167,7 +167,7 @@ class Mesh:
         except (OSError, ValueError):
             return {}
 
-    def _save(self, state: dict[str, Any]) -> None:
+    def save(self, state: dict[str, Any]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         temporary = self.state_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(state, indent=2) + "\n")
@@ -223,7 +223,7 @@ class Mesh:
             progress(f"the mesh is running without {', '.join(missing)}: starting them")
             self._up(tiers, progress, state)
             return self.status()
-        self._save({})
+        self.save({})
         try:
             return self._up(tiers, progress, {})
         except BaseException:
@@ -237,7 +237,7 @@ class Mesh:
         running already), then wait for them in that order; `state` (saved after each start) is
         what `down` will stop."""
         store_url = self._up_store(state, progress)
-        env = self._tier_environment()
+        env = self.tier_environment()
         for tier in tiers:
             for arm in arms(self.settings, tier):
                 self._up_deployment(state, tier, arm, env, store_url, progress)
@@ -269,10 +269,10 @@ class Mesh:
         else:
             state["store"] = self._start_store(int(self.settings["STORE_PORT"]))
             progress(f"store: started valkey-server on 127.0.0.1:{self.settings['STORE_PORT']}")
-        self._save(state)
+        self.save(state)
         return state["store"]["url"]
 
-    def _tier_environment(self) -> dict[str, str]:
+    def tier_environment(self) -> dict[str, str]:
         """What every tier process gets: the settings and where the mesh's state lives."""
         return {
             **self.environ,
@@ -296,40 +296,53 @@ class Mesh:
         progress: Callable[[str], None],
     ) -> None:
         """Start every replica of one arm of `tier` on its own ports."""
-        s = self.settings
-        overrides = (treatment_overrides(s, tier) or {}) if arm == "treatment" else {}
         if arm != "control":
+            overrides = treatment_overrides(self.settings, tier) or {}
             differs = " ".join(f"{k}={v}" for k, v in overrides.items())
             progress(f"{tier.name} {arm}: {differs or 'the control settings (an A/A test)'}")
-        ports = {kind: replica_ports(s, tier, kind, arm) for kind in tier.port_kinds()}
+        for index in range(replicas(self.settings, tier, arm)):
+            if self._wanted(state, replica_name(tier, index, arm)):
+                self.start_replica(state, tier, arm, index, env, store_url, progress)
+
+    def start_replica(
+        self,
+        state: dict[str, Any],
+        tier: TierSpec,
+        arm: str,
+        index: int,
+        env: Mapping[str, str],
+        store_url: str,
+        progress: Callable[[str], None],
+    ) -> str:
+        """Start replica `index` of one arm of `tier` (ports: the arm's base ports + index) and
+        record it in `state`; returns its name."""
+        s = self.settings
+        name = replica_name(tier, index, arm)
+        overrides = (treatment_overrides(s, tier) or {}) if arm == "treatment" else {}
+        ports = {kind: replica_ports(s, tier, kind, arm)[0] + index for kind in tier.port_kinds()}
         envoy_address = f"127.0.0.1:{s['ENVOY_GRPC_PORT']}"
-        for index in range(replicas(s, tier, arm)):
-            name = replica_name(tier, index, arm)
-            if not self._wanted(state, name):
-                continue
-            replica_env = {
-                **env,
-                # each tier finds the others through Envoy, and the store for caches/announcements
-                f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
-                f"{tier.prefix}STORE_URL": self.environ.get(f"{tier.prefix}STORE_URL", store_url),
-                **{
-                    f"{tier.prefix}{other.name.upper()}_TARGET": envoy_address
-                    for other in TIERS
-                    if other != tier
-                },
-                f"{tier.prefix}MAX_CONCURRENT_RPCS": str(max_concurrency(s, tier, arm)),
-                **overrides,
-                **{f"{tier.prefix}{kind}_PORT": str(p[index]) for kind, p in ports.items()},
-                "TIERMESH_ARM": arm,
-                "TIERMESH_REPLICA": name,
-            }
-            addresses = {kind.lower(): f"127.0.0.1:{p[index]}" for kind, p in ports.items()}
-            state[name] = {
-                **self._spawn(name, [sys.executable, "-m", tier.module], replica_env, tier.module),
-                **{"tier": tier.name, "arm": arm, "service": tier.service, **addresses},
-            }
-            self._save(state)
-            progress(f"{name}: started (pid {state[name]['pid']}), loading its model")
+        replica_env = {
+            **env,
+            # each tier finds the others through Envoy, and the store for caches/announcements
+            f"{tier.prefix}CACHE_URL": self.environ.get(f"{tier.prefix}CACHE_URL", store_url),
+            f"{tier.prefix}STORE_URL": self.environ.get(f"{tier.prefix}STORE_URL", store_url),
+            **{
+                f"{tier.prefix}{other.name.upper()}_TARGET": envoy_address for other in TIERS if other != tier
+            },
+            f"{tier.prefix}MAX_CONCURRENT_RPCS": str(max_concurrency(s, tier, arm)),
+            **overrides,
+            **{f"{tier.prefix}{kind}_PORT": str(port) for kind, port in ports.items()},
+            "TIERMESH_ARM": arm,
+            "TIERMESH_REPLICA": name,
+        }
+        addresses = {kind.lower(): f"127.0.0.1:{port}" for kind, port in ports.items()}
+        state[name] = {
+            **self._spawn(name, [sys.executable, "-m", tier.module], replica_env, tier.module),
+            **{"tier": tier.name, "arm": arm, "service": tier.service, **addresses},
+        }
+        self.save(state)
+        progress(f"{name}: started (pid {state[name]['pid']}), loading its model")
+        return name
 
     def _up_envoy(
         self,
@@ -374,7 +387,7 @@ class Mesh:
         }
         if any(tier.rest for tier in tiers):
             state["envoy"]["http"] = f"127.0.0.1:{s['ENVOY_HTTP_PORT']}"
-        self._save(state)
+        self.save(state)
 
     def _envoy_file(self, settings: Mapping[str, str], tiers: tuple[TierSpec, ...], *, fresh: bool) -> str:
         """Envoy's whole configuration as one file. A/B weights set live survive a restart of
@@ -417,7 +430,7 @@ class Mesh:
     def _serving(self, state: dict[str, Any], name: str, started: dict[str, Any], *, timeout: float) -> None:
         """Record a started helper process, then wait until its gRPC health says SERVING."""
         state[name] = started
-        self._save(state)
+        self.save(state)
         wait_until(
             lambda: grpc_health(started["grpc"]) == "SERVING",
             timeout=timeout,

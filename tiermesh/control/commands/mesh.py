@@ -41,6 +41,13 @@ def add_commands(sub: Any) -> None:
     restart.add_argument("tier", help="the tier to restart, e.g. retriever")
     restart.set_defaults(run=cmd_restart)
 
+    scale = sub.add_parser(
+        "scale",
+        help="add or remove replicas of a running tier (needs ENVOY_CONFIG=xds); removed ones drain first",
+    )
+    scale.add_argument("assignment", metavar="TIER=N", help="a tier and its replica count, e.g. retriever=3")
+    scale.set_defaults(run=cmd_scale)
+
     status = sub.add_parser(
         "status", help="addresses and health of every component (exit 1 if any is unwell)"
     )
@@ -137,6 +144,19 @@ def cmd_restart(args: argparse.Namespace) -> int:
     from tiermesh.kit.topology import tier_named
 
     rolling_restart(Mesh(), tier_named(args.tier), progress=lambda line: print(f"  {line}", flush=True))
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from tiermesh.control.runner import Mesh
+    from tiermesh.control.scale import scale
+    from tiermesh.kit.topology import tier_named
+
+    tier, _, count = args.assignment.partition("=")
+    if not count.strip().isdigit():
+        print(f"error: expected TIER=N, e.g. retriever=3, got {args.assignment!r}", file=sys.stderr)
+        return 2
+    scale(Mesh(), tier_named(tier.strip()), int(count), progress=lambda line: print(f"  {line}", flush=True))
     return 0
 
 

@@ -1,0 +1,75 @@
+"""`tiermesh scale <tier>=<n>`: add or remove replicas of a running mesh without a restart.
+
+Needs the mesh on its xDS control plane (`ENVOY_CONFIG=xds`): the control plane reads the replicas
+from the runner's state file, so a replica recorded there reaches Envoy over EDS and one removed
+leaves it. A new replica takes calls once it is SERVING and Envoy's health check agrees; a
+removed one (the highest-numbered first) drains before it goes: SIGTERM → NOT_SERVING while it
+still serves, Envoy takes it out of the pool, in-flight calls finish, then it leaves the list.
+The control arm is scaled; replica ports are the arm's base ports + the replica's index.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tiermesh.control.probes import envoy_host_health, grpc_health
+from tiermesh.control.runner import Mesh, RunnerError, stop_process, wait_until
+from tiermesh.kit.topology import TierSpec, cluster_name, replica_name
+
+MAX_REPLICAS = 64
+
+
+def scale(mesh: Mesh, tier: TierSpec, count: int, *, progress: Callable[[str], None] = print) -> list[str]:
+    """Run `count` replicas of `tier`'s control arm; returns the names started or stopped."""
+    state = mesh.state()
+    if "xds" not in state:
+        raise RunnerError(
+            "scaling a running mesh needs Envoy on the xDS control plane: set ENVOY_CONFIG=xds and start "
+            f"the mesh again (with a file configuration, set {tier.prefix}REPLICAS and restart it)"
+        )
+    if not 1 <= count <= MAX_REPLICAS:
+        raise RunnerError(f"{tier.name}: a replica count must be from 1 to {MAX_REPLICAS}, got {count}")
+    running = [i for i in range(MAX_REPLICAS) if replica_name(tier, i) in state]
+    if not running:
+        raise RunnerError(f"{tier.name} is not running in this mesh (tiermesh status)")
+    changed = []
+    for index in range(len(running), count):
+        changed.append(_add(mesh, tier, index, state, progress))
+    for index in sorted(running[count:], reverse=True):
+        changed.append(_remove(mesh, tier, index, state, progress))
+    return changed
+
+
+def _add(mesh: Mesh, tier: TierSpec, index: int, state: dict, progress: Callable[[str], None]) -> str:
+    started = time.monotonic()
+    store_url = state["store"]["url"]
+    name = mesh.start_replica(state, tier, "control", index, mesh.tier_environment(), store_url, progress)
+    component, watch = state[name], mesh.watch(state, name)
+    wait_until(
+        lambda: grpc_health(component["grpc"], tier.service) == "SERVING",
+        timeout=tier.load_timeout_s + 60,
+        what=name,
+        **watch,
+    )
+    admin, cluster = state["envoy"]["admin"], cluster_name(tier)
+    wait_until(
+        lambda: envoy_host_health(admin, cluster, component["grpc"]) == "healthy",
+        timeout=30,
+        what=f"{name} in Envoy's pool",
+        **watch,
+    )
+    progress(f"{name}: SERVING and in Envoy's pool {time.monotonic() - started:.1f}s after it started")
+    return name
+
+
+def _remove(mesh: Mesh, tier: TierSpec, index: int, state: dict, progress: Callable[[str], None]) -> str:
+    started = time.monotonic()
+    name = replica_name(tier, index)
+    component = state[name]
+    grace = float(mesh.settings.get(f"{tier.prefix}SHUTDOWN_GRACE_S", 10)) + 30
+    stop_process(component["pid"], component["marker"], timeout=grace)
+    del state[name]
+    mesh.save(state)
+    progress(f"{name}: drained and stopped in {time.monotonic() - started:.1f}s, removed from Envoy's pool")
+    return name
