@@ -8,7 +8,11 @@ gRPC channels, and with clients that reconnect within 250 ms. Per fault: calls a
 calls in the fault's window and after the component is back, recovery time, and the split before
 and after as Envoy reports it.
 
-Part 2 — Search QPS through Envoy at 1, 2 and 3 retriever replicas (8 clients, 15 s each; the
+Part 2 — `tiermesh scale retriever=3`, then `=2`, under 8 clients of Search (ENVOY_CONFIG=xds): failed
+calls, the time from the new replica's SERVING log line to the first call Envoy sent it (its access
+log), and the time from the scale-in command until Envoy no longer lists the removed replica.
+
+Part 3 — Search QPS through Envoy at 1, 2 and 3 retriever replicas (8 clients, 15 s each; the
 client, Envoy and the replicas share this host's cores, so expect it to be CPU-bound).
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.scale            # about 3 minutes
@@ -18,17 +22,22 @@ client, Envoy and the replicas share this host's cores, so expect it to be CPU-b
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import json
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.chaos import fault_row, kill, search_load
 from bench.common import host, log, write_json
+from tiermesh.control.scale import scale
 from tiermesh.control.testing import running_mesh
 from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of
-from tiermesh.kit.topology import only
+from tiermesh.kit.topology import only, tier_named
 
 DEFAULT_OUT = Path("bench/results/scale.json")
 # A gRPC channel whose connection broke waits 1 s and more (backoff) before it tries again, failing
@@ -70,6 +79,74 @@ def restarts(steady_s: float) -> list[dict[str, Any]]:
     return rows
 
 
+def _stamp(text: str) -> float:
+    """An ISO 8601 UTC timestamp (as the tiers' logs and Envoy's access log write them) in seconds."""
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def serving_to_first_call_s(state: dict[str, Any], name: str) -> float:
+    """From the replica's own "SERVING" log line to the start of the first call Envoy sent it
+    (its access log), both by their timestamps."""
+    serving = next(
+        _stamp(entry["ts"])
+        for entry in _json_lines(Path(state[name]["log"]))
+        if " SERVING " in entry.get("msg", "")
+    )
+    first = min(
+        _stamp(entry["ts"])
+        for entry in _json_lines(Path(state["envoy"]["log"]))
+        if entry.get("upstream_host") == state[name]["grpc"]
+    )
+    return first - serving
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    entries = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entries.append(json.loads(line[line.index("{") :]))
+    return entries
+
+
+def left_envoy_s(admin: str, address: str, since: float, timeout: float = 60) -> float:
+    """Seconds from `since` until Envoy no longer lists the retriever host at `address`."""
+    while time.monotonic() - since < timeout:
+        with urllib.request.urlopen(f"http://{admin}/clusters", timeout=2) as response:
+            if f"retriever::{address}::" not in response.read().decode():
+                return time.monotonic() - since
+        time.sleep(0.01)
+    return float("nan")
+
+
+def scaling_live(steady_s: float) -> list[dict[str, Any]]:
+    """`scale retriever=3` then `=2` under 8 clients of Search (ENVOY_CONFIG=xds)."""
+    rows = []
+    settings = {"ENVOY_CONFIG": "xds", "RETRIEVER_REPLICAS": "2"}
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-scale-") as home,
+        running_mesh(Path(home), tiers=TIERS, **settings) as (mesh, status),
+    ):
+        tier, admin = tier_named("retriever"), status["envoy"]["admin"]
+        for count in (3, 2):
+            recorder = search_load(status["envoy"]["grpc"]).start()
+            time.sleep(steady_s)
+            third = mesh.state().get("retriever-3", {}).get("grpc")
+            started = time.monotonic()
+            scale(mesh, tier, count, progress=log)
+            row: dict[str, Any] = {"scale": f"retriever={count}", "command_s": time.monotonic() - started}
+            if count == 3:
+                time.sleep(1.5)  # Envoy flushes its access log once a second
+                row["serving_to_first_call_s"] = serving_to_first_call_s(mesh.state(), "retriever-3")
+            else:
+                row["scale_to_left_envoy_s"] = left_envoy_s(admin, third, started)
+            time.sleep(2.0)
+            recorder.stop()
+            row["window"] = recorder.window(started, time.monotonic())
+            rows.append(row)
+            log(f"scale retriever={count}: {row['window']['calls']} calls, {row['window']['failed']} failed")
+    return rows
+
+
 def throughput(replicas: Sequence[int], seconds: float) -> list[dict[str, Any]]:
     rows = []
     for count in replicas:
@@ -89,7 +166,9 @@ def throughput(replicas: Sequence[int], seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
-def print_report(faults: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> None:
+def print_report(
+    faults: list[dict[str, Any]], live: list[dict[str, Any]], scaling: list[dict[str, Any]]
+) -> None:
     header = ("fault", "window", "calls", "failed", "p99 ms", "back s")
     print("{:<40} {:<11} {:>6} {:>6} {:>8} {:>7}  split before -> after".format(*header))
     for row in faults:
@@ -105,6 +184,16 @@ def print_report(faults: list[dict[str, Any]], scaling: list[dict[str, Any]]) ->
             split = f"{row['split_before']} -> {row['split_after']}" if label == "fault" else ""
             cells = f"{w['calls']:>6} {w['failed']:>6} {w['p99_ms']:>8.1f} {back:>7}"
             print(f"{row['fault']:<40} {label:<11} {cells}  {split}")
+    print()
+    for row in live:
+        w = row["window"]
+        timing = (
+            f"SERVING -> first call {row['serving_to_first_call_s']:.2f}s"
+            if "serving_to_first_call_s" in row
+            else f"scale -> out of Envoy {row['scale_to_left_envoy_s']:.2f}s"
+        )
+        counts = f"{w['calls']} calls, {w['failed']} failed"
+        print(f"scale {row['scale']}: {counts}; command {row['command_s']:.1f}s; {timing}")
     print(f"\n{'replicas':>8} {'Search/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")
     for r in scaling:
         print(f"{r['replicas']:>8} {r['qps']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['failed']:>7}")
@@ -121,9 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log("part 1: control plane and Envoy SIGKILLed under 8 clients of Search (ENVOY_CONFIG=xds)")
     faults = restarts(2.0 if args.quick else 8.0)
-    log("part 2: Search throughput by retriever replicas")
+    log("part 2: scale retriever=3, then =2, under 8 clients of Search (ENVOY_CONFIG=xds)")
+    live = scaling_live(2.0 if args.quick else 5.0)
+    log("part 3: Search throughput by retriever replicas")
     scaling = throughput((1, 2) if args.quick else (1, 2, 3), 5.0 if args.quick else 15.0)
-    print_report(faults, scaling)
+    print_report(faults, live, scaling)
     write_json(
         args.out,
         {
