@@ -33,11 +33,12 @@ def scale(mesh: Mesh, tier: TierSpec, count: int, *, progress: Callable[[str], N
     running = [i for i in range(MAX_REPLICAS) if replica_name(tier, i) in state]
     if not running:
         raise RunnerError(f"{tier.name} is not running in this mesh (tiermesh status)")
-    changed = []
-    for index in range(len(running), count):
-        changed.append(_add(mesh, tier, index, state, progress))
-    for index in sorted(running[count:], reverse=True):
-        changed.append(_remove(mesh, tier, index, state, progress))
+    # new replicas take the lowest free indices (a gap left by hand is filled first)
+    free = [i for i in range(MAX_REPLICAS) if i not in running][: max(count - len(running), 0)]
+    changed = [_add(mesh, tier, index, state, progress) for index in free]
+    changed += [
+        _remove(mesh, tier, index, state, progress) for index in sorted(running[count:], reverse=True)
+    ]
     return changed
 
 
