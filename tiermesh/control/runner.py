@@ -255,6 +255,11 @@ class Mesh:
         component = state[name]
 
         def alive() -> bool:
+            # one miss can be a false one (a start-up once read as "exited" while its supervisor
+            # ran on): dead only when a second look a moment later agrees
+            if self.alive(component):
+                return True
+            time.sleep(0.2)
             return self.alive(component)
 
         return {"alive": alive, "log": component.get("log", "")}
