@@ -71,5 +71,9 @@ async def test_the_state_file_lists_each_replica_under_its_arms_cluster(tmp_path
         "gateway_treatment": [("127.0.0.1", 7101)],
         "gateway_treatment_rest": [("127.0.0.1", 7102)],
     }
+    broken = json.loads(state.read_text())
+    broken["retriever-2"] = {"tier": "retriever", "arm": "control", "grpc": "no-port"}
+    state.write_text(json.dumps(broken))
+    assert (await source.read())["retriever"] == [("127.0.0.1", 7001)]  # a bad address is left out
     state.write_text("{half a write")
     assert (await source.read())["retriever"] == [("127.0.0.1", 7001)]  # the last good list

@@ -50,8 +50,7 @@ class EnvoyAdmin:
     def __init__(self, address: str, *, timeout: float = 5.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._persisted: tuple[PersistedRuntime | None] | None = None  # found once: bootstraps don't change
-        self._store: tuple[str | None] | None = None
+        self._bootstrap: dict[str, Any] | None = None
 
     def _request(self, path: str, *, method: str = "GET") -> bytes:
         request = urllib.request.Request(f"http://{self.address}{path}", method=method)
@@ -91,25 +90,22 @@ class EnvoyAdmin:
     def weights_store(self) -> str | None:
         """The store whose `tiermesh:weights` the xDS control plane serves to this Envoy (its
         bootstrap's node metadata names it), or None when Envoy's config is a file."""
-        if self._store is None:
-            self._store = (None,)
-            for config in self.config_dump().get("configs", []):
-                url = config.get("bootstrap", {}).get("node", {}).get("metadata", {}).get("tiermesh_store")
-                if url:
-                    self._store = (url,)
-        return self._store[0]
+        return self.bootstrap().get("node", {}).get("metadata", {}).get("tiermesh_store") or None
 
     def persisted_runtime(self) -> PersistedRuntime | None:
         """The disk runtime layer of Envoy's bootstrap, when its directory is on this machine."""
-        if self._persisted is None:
-            self._persisted = (None,)
-            for config in self.config_dump().get("configs", []):
-                layers = config.get("bootstrap", {}).get("layered_runtime", {}).get("layers", [])
-                for layer in layers:
-                    link = layer.get("disk_layer", {}).get("symlink_root")
-                    if link and Path(link).parent.is_dir():
-                        self._persisted = (PersistedRuntime(Path(link).parent),)
-        return self._persisted[0]
+        for layer in self.bootstrap().get("layered_runtime", {}).get("layers", []):
+            link = layer.get("disk_layer", {}).get("symlink_root")
+            if link and Path(link).parent.is_dir():
+                return PersistedRuntime(Path(link).parent)
+        return None
+
+    def bootstrap(self) -> dict[str, Any]:
+        """Envoy's bootstrap, read once: it does not change while Envoy runs."""
+        if self._bootstrap is None:
+            configs = self.config_dump().get("configs", [])
+            self._bootstrap = next((c["bootstrap"] for c in configs if "bootstrap" in c), {})
+        return self._bootstrap
 
     def stats(self, regex: str) -> dict[str, Any]:
         """Counters and gauges (name → value) and histograms (name → cumulative buckets) whose

@@ -67,13 +67,18 @@ async def follow(
     weights = StoreWeights(args.store) if args.store else None
     last: dict[str, int] = {}
     while True:
-        if weights is not None:
-            last = await weights.read(last)
-        changed = snapshots.update(config.resources(await endpoints.read(), last))
-        if changed:
-            logger.info("xds: new %s", ", ".join(t.rsplit(".", 1)[-1] for t in changed))
-        if args.status:
-            write_status(args.status, snapshots)
+        try:
+            if weights is not None:
+                last = await weights.read(last)
+            changed = snapshots.update(config.resources(await endpoints.read(), last))
+            if changed:
+                logger.info("xds: new %s", ", ".join(t.rsplit(".", 1)[-1] for t in changed))
+            if args.status:
+                write_status(args.status, snapshots)
+        except Exception as error:  # Envoy keeps the last good snapshot; keep following
+            logger.error(
+                "xds: could not build a new snapshot (%r); serving the last one", error, exc_info=error
+            )
         await asyncio.sleep(args.interval)
 
 

@@ -45,9 +45,13 @@ class StateFileEndpoints:
                 continue
             cluster = cluster_name(tier_named(entry["tier"]), entry.get("arm", "control"))
             for kind, suffix in (("grpc", ""), ("http", "_rest")):
-                if entry.get(kind):
-                    host, port = entry[kind].rsplit(":", 1)
+                host, _, port = str(entry.get(kind, "")).rpartition(":")
+                if host and port.isdigit():
                     endpoints.setdefault(cluster + suffix, []).append((host, int(port)))
+                elif entry.get(kind):
+                    logger.warning(
+                        "xds: %s: %s address %r is not host:port; left out", self.path, kind, entry[kind]
+                    )
         self._last = endpoints
         return endpoints
 
