@@ -25,6 +25,11 @@ from tiermesh.kit.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
+# Longer than Envoy's idle timeout for the REST cluster (60 s, envoy/rest_cluster.yaml.tmpl), so
+# Envoy, not the gateway, closes an idle connection: the other way round, Envoy may send a request
+# down a connection at the moment the gateway closes it, and the call fails.
+HTTP_KEEP_ALIVE_S = 75
+
 
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn inside the tier's event loop: the kit's SIGTERM handling stops it, not uvicorn's."""
@@ -111,6 +116,7 @@ class GatewayTier(gateway_pb2_grpc.AdvisorServiceServicer):
                 access_log=False,  # the app logs each request itself, redacted
                 lifespan="off",
                 timeout_graceful_shutdown=int(config.shutdown_grace_s),
+                timeout_keep_alive=HTTP_KEEP_ALIVE_S,
             )
         )
         self._http_task = asyncio.create_task(self._http.serve())

@@ -148,3 +148,16 @@ def test_cleaning_old_versions_touches_only_the_layers_own_directories(tmp_path)
         runtime.write({"tiermesh.weights.llm.llm": str(weight)})
     assert (tmp_path / "var").is_dir() and (tmp_path / "v1").is_dir()
     assert len(runtime.versions()) == 2 and runtime.read() == {"tiermesh.weights.llm.llm": "3"}
+
+
+def test_envoy_closes_idle_rest_connections_before_the_gateway_would():
+    """The other way round, Envoy may send a request down a connection just as the gateway closes
+    it for being idle: the call fails with "connection termination" and is not retried (a POST)."""
+    from services.gateway.servicer import HTTP_KEEP_ALIVE_S
+
+    rest = cluster(render_envoy(read_settings({}), only("gateway")), "gateway_rest")
+    options = rest["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    idle = options["common_http_protocol_options"]["idle_timeout"]
+    assert idle.endswith("s") and float(idle[:-1]) < HTTP_KEEP_ALIVE_S
