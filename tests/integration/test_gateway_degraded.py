@@ -89,7 +89,7 @@ def stop(running, status: dict, tier: str) -> None:
     names = [name for name in state if name == tier or name.startswith(f"{tier}-")]
     assert names, f"no {tier} process in {sorted(state)}"
     for name in names:
-        stop_process(state[name]["pid"], state[name]["marker"], timeout=20)
+        stop_process(state[name], timeout=20)
     service = status[names[0]]["service"]
     deadline = time.monotonic() + 15
     while grpc_health(status["envoy"]["grpc"], service, tier=tier) == "SERVING":

@@ -1,6 +1,7 @@
 """A mesh whose Envoy gets its configuration from the xDS control plane (ENVOY_CONFIG=xds): the
 runner starts and supervises the control plane, `tiermesh traffic` moves the split through the
-store, and the split survives Envoy's restart and the control plane's."""
+store, the split survives Envoy's restart and the control plane's, and replicas and treatment
+deployments come and go on the running mesh without a failed call."""
 
 import os
 import re
@@ -9,14 +10,17 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
 
+from tiermesh.control.deploy import deploy, remove
 from tiermesh.control.runner import Mesh, RunnerError
 from tiermesh.control.scale import scale
 from tiermesh.control.testing import running_mesh
-from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of
+from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of, splits
+from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from tiermesh.kit.topology import ARM_HEADER, only, tier_named
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
 
@@ -99,45 +103,102 @@ def calls_to(admin: str, address: str) -> int:
     return int(found.group(1)) if found else 0
 
 
+class Load:
+    """Clients calling one RPC through Envoy until stopped, each as a user of its own (so an A/B
+    split sends some of them to each arm); counts calls, failures and the arms that answered."""
+
+    def __init__(self, envoy: str, call: Callable[[grpc.Channel, list], Any], clients: int = 4) -> None:
+        self.envoy, self.call = envoy, call
+        self.calls, self.failures, self.arms = 0, [], set()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, client: int) -> None:
+        with grpc.insecure_channel(self.envoy) as channel:
+            n = 0
+            while not self.stopping.is_set():
+                n += 1
+                try:
+                    call = self.call(channel, [("x-tiermesh-user", f"user-{client}-{n % 50}")])
+                    self.arms |= {value for key, value in call.initial_metadata() if key == ARM_HEADER}
+                    self.calls += 1
+                except grpc.RpcError as error:
+                    self.failures.append(f"{error.code().name}: {error.details()}")
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def search(channel: grpc.Channel, metadata: list) -> grpc.Call:
+    stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
+    _, call = stub.Search.with_call(
+        retriever_pb2.SearchRequest(text="APR?", k=1), timeout=10, metadata=metadata
+    )
+    return call
+
+
+def embed(channel: grpc.Channel, metadata: list) -> grpc.Call:
+    stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
+    _, call = stub.Embed.with_call(embedder_pb2.EmbedRequest(text="APR?"), timeout=10, metadata=metadata)
+    return call
+
+
 def test_scaling_out_and_in_under_load_fails_no_call(xds_mesh):
     mesh, status = xds_mesh
-    failures, calls, stop = [], [0], threading.Event()
-
-    def load() -> None:
-        with grpc.insecure_channel(status["envoy"]["grpc"]) as channel:
-            stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
-            while not stop.is_set():
-                try:
-                    stub.Search(retriever_pb2.SearchRequest(text="APR?", k=1), timeout=10)
-                    calls[0] += 1
-                except grpc.RpcError as error:
-                    failures.append(f"{error.code().name}: {error.details()}")
-
-    clients = [threading.Thread(target=load) for _ in range(4)]
-    for client in clients:
-        client.start()
-    try:
-        lines = []
+    lines = []
+    with Load(status["envoy"]["grpc"], search) as load:
         scale(mesh, tier_named("retriever"), 3, progress=lines.append)
         third = mesh.state()["retriever-3"]["grpc"]
         wait_for(lambda: calls_to(status["envoy"]["admin"], third) > 10, 15, "calls on the new replica")
         scale(mesh, tier_named("retriever"), 2, progress=lines.append)
         assert "retriever-3" not in mesh.state() and "retriever-3" not in mesh.status()
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for client in clients:
-            client.join()
-    assert failures == [] and calls[0] > 100, (failures[:5], calls)
+    assert load.failures == [] and load.calls > 100, (load.failures[:5], load.calls)
     assert any("retriever-3: SERVING and in Envoy's pool" in line for line in lines), lines
     assert any("retriever-3: drained and stopped" in line for line in lines), lines
 
 
+def test_a_treatment_deployed_on_the_running_mesh_takes_calls_and_leaves_without_a_failed_call(xds_mesh):
+    mesh, status = xds_mesh
+    embedder, lines = tier_named("embedder"), []
+    admin = EnvoyAdmin(status["envoy"]["admin"])
+    with Load(status["envoy"]["grpc"], embed) as load:
+        deploy(mesh, embedder, ["EMBEDDER_MAX_BATCH_SIZE=8"], progress=lines.append)
+        assert split_of(admin, "embedder").has_treatment and load.arms == {"control"}
+        set_treatment(admin, "embedder", 50)
+        wait_for(lambda: "treatment" in load.arms, 15, "calls on the treatment")
+        with pytest.raises(RunnerError, match="still takes 50% of the calls"):
+            remove(mesh, embedder)
+        set_treatment(admin, "embedder", 0)
+        remove(mesh, embedder, progress=lines.append)
+        time.sleep(1.0)
+    assert load.failures == [] and load.calls > 50, (load.failures[:5], load.calls)
+    assert "embedder-treatment" not in mesh.state()
+    assert not splits(EnvoyAdmin(status["envoy"]["admin"]))["embedder"].has_treatment
+    assert any("embedder-treatment: SERVING and in Envoy's pool" in line for line in lines), lines
+    assert any("embedder-treatment: drained and stopped" in line for line in lines), lines
+    with pytest.raises(RunnerError, match="embedder has no treatment deployment to remove"):
+        remove(mesh, embedder)
+    with pytest.raises(RunnerError, match="retriever already has a treatment deployment"):
+        deploy(mesh, tier_named("retriever"), [])
+    with pytest.raises(RunnerError, match="--treatment: EMBEDDER_TREATMENT: expected KEY=VALUE"):
+        deploy(mesh, embedder, ["lowercase"])
+
+
 def test_scaling_needs_the_control_plane_and_a_sane_count(tmp_path, xds_mesh):
     mesh, _status = xds_mesh
-    with pytest.raises(RunnerError, match="from 1 to 64, got 0"):
+    with pytest.raises(RunnerError, match="from 1 to 16, got 0"):
         scale(mesh, tier_named("retriever"), 0)
     static = Mesh({**os.environ, "TIERMESH_HOME": str(tmp_path)})
     static.save({"retriever": {"tier": "retriever", "arm": "control", "grpc": "127.0.0.1:1"}})
-    with pytest.raises(RunnerError, match="needs Envoy on the xDS control plane: set ENVOY_CONFIG=xds"):
+    with pytest.raises(
+        RunnerError, match="scaling a running mesh needs Envoy on the xDS control plane: set ENVOY_CONFIG=xds"
+    ):
         scale(static, tier_named("retriever"), 3)

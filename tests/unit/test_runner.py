@@ -155,3 +155,39 @@ def test_quoted_values_in_the_env_file_are_read_as_compose_reads_them(tmp_path):
     assert settings["LLM_TREATMENT"] == "LLM_MODEL_VERSION=2 LLM_THREADS=1"
     assert settings["A"] == "x" and settings["B"] == '"'
     assert treatment_overrides(settings, TWO_TIERS[1]) == {"LLM_MODEL_VERSION": "2", "LLM_THREADS": "1"}
+
+
+def _sleeper():
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "tiermesh-test-marker"])
+
+
+def test_a_recorded_process_is_alive_until_it_exits_and_a_reused_pid_is_not_it():
+    from tiermesh.control.runner import _pid_alive, _process
+
+    process = _sleeper()
+    try:
+        state, started = _process(process.pid)
+        assert state in "RS"
+        assert _pid_alive({"pid": process.pid, "started": started})
+        # the same pid with another start time is another process (the pid was reused)
+        assert not _pid_alive({"pid": process.pid, "started": started + 1})
+        # records written before start times were kept fall back to the command-line marker
+        assert _pid_alive({"pid": process.pid, "marker": "tiermesh-test-marker"})
+        assert not _pid_alive({"pid": process.pid, "marker": "something-else"})
+    finally:
+        process.kill()
+    process.wait()
+    assert _process(process.pid) is None
+    assert not _pid_alive({"pid": process.pid, "started": started})
+
+
+def test_stop_process_stops_a_recorded_process_gracefully():
+    from tiermesh.control.runner import _process, stop_process
+
+    process = _sleeper()
+    record = {"pid": process.pid, "started": _process(process.pid)[1]}
+    assert stop_process(record, timeout=10)  # True: it went on SIGTERM, before any SIGKILL
+    assert _process(process.pid) is None  # gone, and reaped (no zombie left)

@@ -13,6 +13,7 @@ from tiermesh.control.xds.resources import (
     TYPE_ENDPOINTS,
     TYPE_ROUTES,
     TYPE_RUNTIME,
+    LiveConfig,
     mesh_config,
 )
 from tiermesh.control.xds.server import AggregatedDiscovery, Snapshots, _Stream, pack
@@ -68,6 +69,36 @@ def test_a_cluster_without_replicas_has_no_endpoints_and_a_bad_resource_is_named
     assert resources(endpoints={"x": []})[TYPE_ENDPOINTS]["retriever_treatment"]["endpoints"] == []
     with pytest.raises(ValueError, match="ClusterLoadAssignment retriever: "):
         pack(TYPE_ENDPOINTS, {"retriever": {"cluster_name": "retriever", "endpoints": "many"}})
+
+
+def breakers(resources, cluster):
+    return resources[TYPE_CLUSTER][cluster]["circuit_breakers"]["thresholds"][0]["max_requests"]
+
+
+def test_circuit_breakers_follow_the_live_replica_count():
+    live = LiveConfig(SETTINGS, only("retriever"), ("127.0.0.1", 18000))
+    three = {"retriever": [("127.0.0.1", 7001), ("127.0.0.1", 7002), ("127.0.0.1", 7003)]}
+    assert breakers(live.resources(three, {}, {}), "retriever") == 3 * 256
+    # none running (all restarting): the configured count stays, never a breaker of 0
+    assert breakers(live.resources({}, {}, {}), "retriever") == 2 * 256
+
+
+def test_a_treatment_deployed_live_adds_its_cluster_and_weighted_route_and_removal_drops_them():
+    plain = read_settings({})
+    live = LiveConfig(plain, only("embedder"), ("127.0.0.1", 18000))
+    before = live.resources({}, {}, {})
+    assert set(before[TYPE_CLUSTER]) == {"embedder"}
+    deployed = live.resources({}, {"embedder": 1000}, {"embedder": "EMBEDDER_MAX_BATCH=8"})
+    assert set(deployed[TYPE_CLUSTER]) == {"embedder", "embedder_treatment"}
+    assert "embedder_treatment" in repr(deployed[TYPE_ROUTES])
+    assert (
+        deployed[TYPE_RUNTIME][RUNTIME_LAYER]["layer"]["tiermesh.weights.embedder.embedder_treatment"] == 1000
+    )
+    # removed ("") also hides a treatment the settings configured
+    removed = LiveConfig(SETTINGS, only("retriever"), ("127.0.0.1", 18000)).resources(
+        {}, {}, {"retriever": ""}
+    )
+    assert set(removed[TYPE_CLUSTER]) == {"retriever"} and "retriever_treatment" not in repr(removed)
 
 
 def test_versions_change_only_with_content():

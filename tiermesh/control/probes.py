@@ -70,3 +70,13 @@ def envoy_host_health(admin: str, cluster: str, address: str) -> str:
         return "DOWN"
     wanted = f"{cluster}::{address}::health_flags::"
     return next((line.removeprefix(wanted) for line in lines if line.startswith(wanted)), "DOWN")
+
+
+def envoy_clusters(admin: str) -> set[str] | None:
+    """The names of the clusters Envoy has now, or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{admin}/clusters", timeout=1) as response:
+            lines = response.read().decode().splitlines()
+    except OSError:
+        return None
+    return {line.split("::", 1)[0] for line in lines if "::" in line}

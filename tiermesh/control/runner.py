@@ -32,7 +32,9 @@ from tiermesh.control.runtime_layer import PersistedRuntime
 from tiermesh.kit.contract import REPO_ROOT
 from tiermesh.kit.registry import home
 from tiermesh.kit.topology import (
+    DEPLOYMENTS_KEY,
     TIERS,
+    WEIGHTS_KEY,
     TierSpec,
     arms,
     cluster_name,
@@ -42,6 +44,7 @@ from tiermesh.kit.topology import (
     replica_ports,
     replicas,
     treatment_overrides,
+    with_deployments,
 )
 
 logger = logging.getLogger(__name__)
@@ -106,17 +109,31 @@ def _log_tail(log: str, lines: int = 8) -> str:
 # -- processes ---------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int, marker: str) -> bool:
-    """True when `pid` runs and is still the process we started (guards against pid reuse)."""
+def _process(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) of `pid`, or None when there is none.
+    /proc/<pid>/stat is the kernel's own record: unlike the command line, reading it never touches
+    the process's memory, so it cannot come back empty while the process runs."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_alive(component: Mapping[str, Any]) -> bool:
+    """True when the component's pid runs and is still the process we started: the same start time
+    (a reused pid has another), or, for a record without one, the marker in its command line."""
+    pid, started = component.get("pid", 0), component.get("started")
+    seen = _process(pid) if pid else None
+    if seen is None or seen[0] == "Z":
+        return False
+    if started is not None:
+        return seen[1] == started
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        state = "?"
-    return marker in cmdline and state != "Z"
+    return component.get("marker", "") in cmdline
 
 
 def _reap(pid: int) -> None:
@@ -125,10 +142,11 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def stop_process(pid: int, marker: str, *, timeout: float) -> bool:
-    """SIGTERM the process (a supervisor forwards it to its component), wait, SIGKILL its whole
-    group if it is still there. True when it stopped gracefully."""
-    if not _pid_alive(pid, marker):
+def stop_process(component: Mapping[str, Any], *, timeout: float) -> bool:
+    """SIGTERM a recorded process (a supervisor forwards it to its component), wait, SIGKILL its
+    whole group if it is still there. True when it stopped gracefully."""
+    pid = component["pid"]
+    if not _pid_alive(component):
         _reap(pid)
         return True
     try:
@@ -137,7 +155,7 @@ def stop_process(pid: int, marker: str, *, timeout: float) -> bool:
         return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(pid, marker):
+        if not _pid_alive(component):
             _reap(pid)
             return True
         time.sleep(0.1)
@@ -199,13 +217,18 @@ class Mesh:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        return {"pid": process.pid, "marker": marker, "log": str(log_path), "supervisor": str(status_path)}
+        seen = _process(process.pid)
+        return {
+            "pid": process.pid,
+            "started": seen[1] if seen else None,
+            "marker": marker,
+            "log": str(log_path),
+            "supervisor": str(status_path),
+        }
 
     def alive(self, component: Mapping[str, Any]) -> bool:
         """Whether a recorded component still runs (its supervisor does; an external store always)."""
-        return bool(component.get("external")) or _pid_alive(
-            component.get("pid", 0), component.get("marker", "")
-        )
+        return bool(component.get("external")) or _pid_alive(component)
 
     # up ------------------------------------------------------------------------------------------
 
@@ -236,7 +259,10 @@ class Mesh:
         """Start the store, every deployment of `tiers`, the trace sink and Envoy (those of them not
         running already), then wait for them in that order; `state` (saved after each start) is
         what `down` will stop."""
+        fresh = not state
         store_url = self._up_store(state, progress)
+        if self.settings.get("ENVOY_CONFIG", "file") == "xds":
+            self.settings = with_deployments(self.settings, self._deployments(state, fresh=fresh))
         env = self.tier_environment()
         for tier in tiers:
             for arm in arms(self.settings, tier):
@@ -276,6 +302,27 @@ class Mesh:
             progress(f"store: started valkey-server on 127.0.0.1:{self.settings['STORE_PORT']}")
         self.save(state)
         return state["store"]["url"]
+
+    def _deployments(self, state: dict[str, Any], *, fresh: bool) -> dict[str, str]:
+        """The treatments deployed on this mesh while it ran (`tiermesh deploy`), so `up` restarts
+        them too. A new mesh starts from the settings alone: it forgets the last one's deployments
+        and weights."""
+        import redis
+
+        url = state["store"]["url"]
+        wait_until(
+            lambda: store_ping(url) == "SERVING", timeout=15, what="store", **self.watch(state, "store")
+        )
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
+        try:
+            if fresh:
+                client.delete(DEPLOYMENTS_KEY, WEIGHTS_KEY)
+                return {}
+            return client.hgetall(DEPLOYMENTS_KEY)
+        except (redis.RedisError, OSError) as error:
+            raise RunnerError(f"store: cannot read the mesh's deployments at {url}: {error}") from None
+        finally:
+            client.close()
 
     def tier_environment(self) -> dict[str, str]:
         """What every tier process gets: the settings and where the mesh's state lives."""
@@ -554,9 +601,7 @@ class Mesh:
     ) -> None:
         """SIGTERM these components together, then wait for each (SIGKILL after `timeout`)."""
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            stopped = pool.map(
-                lambda name: stop_process(state[name]["pid"], state[name]["marker"], timeout=timeout), names
-            )
+            stopped = pool.map(lambda name: stop_process(state[name], timeout=timeout), names)
             for name, graceful in zip(names, stopped, strict=True):
                 progress(f"{name}: stopped" + ("" if graceful else " (killed after the grace period)"))
 
@@ -565,7 +610,9 @@ class Mesh:
         the state file knows."""
         report: dict[str, Any] = {}
         for name, component in self.state().items():
-            entry = {k: v for k, v in component.items() if k not in ("marker", "external", "supervisor")}
+            entry = {
+                k: v for k, v in component.items() if k not in ("marker", "started", "external", "supervisor")
+            }
             supervision = supervisor_status(component)
             entry.update(supervision)
             if not self.alive(component):

@@ -15,37 +15,49 @@ from collections.abc import Callable
 
 from tiermesh.control.probes import envoy_host_health, grpc_health
 from tiermesh.control.runner import Mesh, RunnerError, stop_process, wait_until
-from tiermesh.kit.topology import TierSpec, cluster_name, replica_name
+from tiermesh.kit.topology import MAX_REPLICAS, TierSpec, cluster_name, replica_name
 
-MAX_REPLICAS = 64
+
+def require_xds(state: dict, what: str) -> None:
+    """RunnerError unless the running mesh's Envoy is served by the xDS control plane."""
+    if "xds" not in state:
+        raise RunnerError(
+            f"{what} a running mesh needs Envoy on the xDS control plane: set ENVOY_CONFIG=xds and "
+            "start the mesh again"
+        )
 
 
 def scale(mesh: Mesh, tier: TierSpec, count: int, *, progress: Callable[[str], None] = print) -> list[str]:
     """Run `count` replicas of `tier`'s control arm; returns the names started or stopped."""
     state = mesh.state()
-    if "xds" not in state:
-        raise RunnerError(
-            "scaling a running mesh needs Envoy on the xDS control plane: set ENVOY_CONFIG=xds and start "
-            f"the mesh again (with a file configuration, set {tier.prefix}REPLICAS and restart it)"
-        )
+    require_xds(state, "scaling")
     if not 1 <= count <= MAX_REPLICAS:
         raise RunnerError(f"{tier.name}: a replica count must be from 1 to {MAX_REPLICAS}, got {count}")
-    running = [i for i in range(MAX_REPLICAS) if replica_name(tier, i) in state]
+    running = running_replicas(state, tier)
     if not running:
         raise RunnerError(f"{tier.name} is not running in this mesh (tiermesh status)")
     # new replicas take the lowest free indices (a gap left by hand is filled first)
     free = [i for i in range(MAX_REPLICAS) if i not in running][: max(count - len(running), 0)]
-    changed = [_add(mesh, tier, index, state, progress) for index in free]
+    changed = [add_replica(mesh, tier, "control", index, state, progress) for index in free]
     changed += [
-        _remove(mesh, tier, index, state, progress) for index in sorted(running[count:], reverse=True)
+        remove_replica(mesh, tier, "control", index, state, progress)
+        for index in sorted(running[count:], reverse=True)
     ]
     return changed
 
 
-def _add(mesh: Mesh, tier: TierSpec, index: int, state: dict, progress: Callable[[str], None]) -> str:
+def running_replicas(state: dict, tier: TierSpec, arm: str = "control") -> list[int]:
+    """The indices of `tier`'s replicas of `arm` the state file lists."""
+    return [i for i in range(MAX_REPLICAS) if replica_name(tier, i, arm) in state]
+
+
+def add_replica(
+    mesh: Mesh, tier: TierSpec, arm: str, index: int, state: dict, progress: Callable[[str], None]
+) -> str:
+    """Start one replica and wait until it is SERVING and healthy in Envoy's pool."""
     started = time.monotonic()
     store_url = state["store"]["url"]
-    name = mesh.start_replica(state, tier, "control", index, mesh.tier_environment(), store_url, progress)
+    name = mesh.start_replica(state, tier, arm, index, mesh.tier_environment(), store_url, progress)
     component, watch = state[name], mesh.watch(state, name)
     wait_until(
         lambda: grpc_health(component["grpc"], tier.service) == "SERVING",
@@ -53,7 +65,7 @@ def _add(mesh: Mesh, tier: TierSpec, index: int, state: dict, progress: Callable
         what=name,
         **watch,
     )
-    admin, cluster = state["envoy"]["admin"], cluster_name(tier)
+    admin, cluster = state["envoy"]["admin"], cluster_name(tier, arm)
     wait_until(
         lambda: envoy_host_health(admin, cluster, component["grpc"]) == "healthy",
         timeout=30,
@@ -64,12 +76,14 @@ def _add(mesh: Mesh, tier: TierSpec, index: int, state: dict, progress: Callable
     return name
 
 
-def _remove(mesh: Mesh, tier: TierSpec, index: int, state: dict, progress: Callable[[str], None]) -> str:
+def remove_replica(
+    mesh: Mesh, tier: TierSpec, arm: str, index: int, state: dict, progress: Callable[[str], None]
+) -> str:
+    """Drain and stop one replica, then take it off the list the control plane serves."""
     started = time.monotonic()
-    name = replica_name(tier, index)
-    component = state[name]
+    name = replica_name(tier, index, arm)
     grace = float(mesh.settings.get(f"{tier.prefix}SHUTDOWN_GRACE_S", 10)) + 30
-    stop_process(component["pid"], component["marker"], timeout=grace)
+    stop_process(state[name], timeout=grace)
     del state[name]
     mesh.save(state)
     progress(f"{name}: drained and stopped in {time.monotonic() - started:.1f}s, removed from Envoy's pool")

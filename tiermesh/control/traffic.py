@@ -229,8 +229,9 @@ def split_of(admin: EnvoyAdmin, tier: str) -> Split:
     split = current[tier]
     if not split.has_treatment:
         raise TrafficError(
-            f"{tier} has no treatment deployment: set {tier.upper()}_TREATMENT (the settings it differs in, "
-            "or 'same') in .env and start the mesh again (tiermesh down && tiermesh up)"
+            f"{tier} has no treatment deployment: start one with `tiermesh deploy {tier} --treatment "
+            f"KEY=VALUE ...` (a mesh on the xDS control plane), or set {tier.upper()}_TREATMENT in .env "
+            "and start the mesh again (tiermesh down && tiermesh up)"
         )
     return split
 

@@ -37,6 +37,11 @@ WEIGHT_SCALE = 10_000
 RUNTIME_PREFIX = "tiermesh.weights"
 # The store's hash of A/B weights (tier -> treatment weight) the xDS control plane serves to Envoy.
 WEIGHTS_KEY = "tiermesh:weights"
+# The store's hash of treatment deployments started on a running mesh (tier -> its `<TIER>_TREATMENT`
+# value; "" once removed): the control plane and the runner read it over the settings' own.
+DEPLOYMENTS_KEY = "tiermesh:deployments"
+# The most replicas one deployment may have.
+MAX_REPLICAS = 16
 
 # Settings a treatment may not override: the runner gives each deployment its own ports and arm.
 _RUNNER_OWNED = ("_GRPC_PORT", "_METRICS_PORT", "_HTTP_PORT", "_REPLICAS", "TIERMESH_ARM", "TIERMESH_HOME")
@@ -176,6 +181,15 @@ def treatment_overrides(settings: Mapping[str, str], tier: TierSpec) -> dict[str
     return overrides
 
 
+def with_deployments(settings: Mapping[str, str], deployments: Mapping[str, str]) -> dict[str, str]:
+    """`settings` with the treatments deployed (or removed, "") on the running mesh in their place."""
+    merged = dict(settings)
+    for tier in TIERS:
+        if tier.name in deployments:
+            merged[f"{tier.prefix}TREATMENT"] = deployments[tier.name]
+    return merged
+
+
 def arms(settings: Mapping[str, str], tier: TierSpec) -> tuple[str, ...]:
     """The deployments of `tier`: its control, and its treatment when one is configured."""
     return ARMS if treatment_overrides(settings, tier) is not None else ARMS[:1]
@@ -190,8 +204,8 @@ def replicas(settings: Mapping[str, str], tier: TierSpec, arm: str = "control") 
         count = int(raw)
     except ValueError:
         count = 0
-    if not 1 <= count <= 16:
-        raise TopologyError(f"{key}: expected 1 to 16, got {raw!r}")
+    if not 1 <= count <= MAX_REPLICAS:
+        raise TopologyError(f"{key}: expected 1 to {MAX_REPLICAS}, got {raw!r}")
     return count
 
 

@@ -48,6 +48,26 @@ def add_commands(sub: Any) -> None:
     scale.add_argument("assignment", metavar="TIER=N", help="a tier and its replica count, e.g. retriever=3")
     scale.set_defaults(run=cmd_scale)
 
+    deploy = sub.add_parser(
+        "deploy",
+        help="start (or --remove) a tier's treatment deployment on a running mesh (needs ENVOY_CONFIG=xds)",
+        description="Start a treatment deployment beside a tier's control on the running mesh: it gets "
+        "no calls until `tiermesh traffic set TIER treatment=N`. --remove stops it once its weight is 0.",
+    )
+    deploy.add_argument("tier", help="the tier, e.g. retriever")
+    what = deploy.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--treatment",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the settings the treatment differs in, e.g. RETRIEVER_NPROBE=16 (none: an A/A test)",
+    )
+    what.add_argument(
+        "--remove", action="store_true", help="stop the tier's treatment (its weight must be 0)"
+    )
+    deploy.add_argument("--replicas", type=int, default=1, help="treatment replicas to start (default 1)")
+    deploy.set_defaults(run=cmd_deploy)
+
     status = sub.add_parser(
         "status", help="addresses and health of every component (exit 1 if any is unwell)"
     )
@@ -157,6 +177,20 @@ def cmd_scale(args: argparse.Namespace) -> int:
         print(f"error: expected TIER=N, e.g. retriever=3, got {args.assignment!r}", file=sys.stderr)
         return 2
     scale(Mesh(), tier_named(tier.strip()), int(count), progress=lambda line: print(f"  {line}", flush=True))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from tiermesh.control.deploy import deploy, remove
+    from tiermesh.control.runner import Mesh
+    from tiermesh.kit.topology import tier_named
+
+    tier, progress = tier_named(args.tier), lambda line: print(f"  {line}", flush=True)
+    if args.remove:
+        remove(Mesh(), tier, progress=progress)
+    else:
+        deploy(Mesh(), tier, args.treatment, replicas=args.replicas, progress=progress)
+        print(f"{tier.name}'s treatment takes no calls yet: tiermesh traffic set {tier.name} treatment=10")
     return 0
 
 

@@ -5,11 +5,14 @@
 
 Endpoints are the replicas the local runner's state file lists (`--source local`), or, in
 Kubernetes (`--source kubernetes`), the ready endpoints of the tiers' EndpointSlices in this pod's
-namespace (deploy/k8s/); Envoy health-checks them either way. The weights are the store's
-`tiermesh:weights` hash (tier -> treatment weight in hundredths of a
-percent). Both are re-read every `--interval` seconds and pushed when they change; a store outage
-keeps the last weights. If this process dies, Envoy keeps its last configuration; restarted, it
-serves the same resources again (they are derived, not remembered).
+namespace (deploy/k8s/); Envoy health-checks them either way. From the store come the A/B weights
+(`tiermesh:weights`: tier -> treatment weight in hundredths of a percent) and the treatments
+deployed on the running mesh (`tiermesh:deployments`: tier -> its `<TIER>_TREATMENT` value, ""
+once removed), which add or drop a tier's treatment cluster and weighted routes. All are re-read
+every `--interval` seconds and pushed when they change; each arm's circuit breakers follow its
+live replica count. A store outage keeps the last weights and deployments. If this process dies,
+Envoy keeps its last configuration; restarted, it serves the same resources again (they are
+derived, not remembered).
 """
 
 from __future__ import annotations
@@ -29,9 +32,15 @@ import yaml
 from grpc_health.v1 import health, health_pb2_grpc
 
 from tiermesh.control.xds import protos
-from tiermesh.control.xds.resources import MeshConfig, mesh_config
+from tiermesh.control.xds.resources import LiveConfig, mesh_config
 from tiermesh.control.xds.server import AggregatedDiscovery, Snapshots
-from tiermesh.control.xds.sources import EndpointSource, KubernetesEndpoints, StateFileEndpoints, StoreWeights
+from tiermesh.control.xds.sources import (
+    EndpointSource,
+    KubernetesEndpoints,
+    LiveState,
+    StateFileEndpoints,
+    StoreState,
+)
 from tiermesh.kit.logs import configure
 from tiermesh.kit.topology import TIERS, TopologyError, only, read_settings
 
@@ -61,16 +70,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def follow(
-    config: MeshConfig, snapshots: Snapshots, args: argparse.Namespace, endpoints: EndpointSource
+    live: LiveConfig, snapshots: Snapshots, args: argparse.Namespace, endpoints: EndpointSource
 ) -> None:
-    """Re-read the replicas and weights, push what changed, and keep the status file current."""
-    weights = StoreWeights(args.store) if args.store else None
-    last: dict[str, int] = {}
+    """Re-read the replicas, weights and deployments, push what changed, keep the status file current."""
+    store = StoreState(args.store) if args.store else None
+    state = LiveState()
     while True:
         try:
-            if weights is not None:
-                last = await weights.read(last)
-            changed = snapshots.update(config.resources(await endpoints.read(), last))
+            if store is not None:
+                state = await store.read(state)
+            resources = live.resources(await endpoints.read(), state.weights, state.deployments)
+            changed = snapshots.update(resources)
             if changed:
                 logger.info("xds: new %s", ", ".join(t.rsplit(".", 1)[-1] for t in changed))
             if args.status:
@@ -97,9 +107,11 @@ def write_status(path: Path, snapshots: Snapshots) -> None:
     scratch.replace(path)
 
 
-async def serve(args: argparse.Namespace, config: MeshConfig, endpoints: EndpointSource) -> None:
+async def serve(args: argparse.Namespace, live: LiveConfig, endpoints: EndpointSource) -> None:
     snapshots = Snapshots()
-    snapshots.update(config.resources(await endpoints.read(), {}))
+    store = StoreState(args.store) if args.store else None
+    state = await store.read(LiveState()) if store is not None else LiveState()
+    snapshots.update(live.resources(await endpoints.read(), state.weights, state.deployments))
     server = grpc.aio.server()
     AggregatedDiscovery(snapshots).register(server)
     # SERVING (the empty service) from the start: the first snapshot is built before the port opens
@@ -111,7 +123,7 @@ async def serve(args: argparse.Namespace, config: MeshConfig, endpoints: Endpoin
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    following = asyncio.create_task(follow(config, snapshots, args, endpoints))
+    following = asyncio.create_task(follow(live, snapshots, args, endpoints))
     await stop.wait()
     following.cancel()
     await server.stop(grace=1.0)
@@ -122,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure("xds")
     try:
         tiers = only(*args.tiers.split(","))
-        config = mesh_config(read_settings(), tiers, (args.host, args.port))
+        settings = read_settings()
+        config = mesh_config(settings, tiers, (args.host, args.port))
     except TopologyError as error:
         logger.error("xds: %s", error)
         return 2
@@ -142,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (KeyError, OSError) as error:
             logger.error("xds: --source kubernetes needs to run in a pod (missing %s)", error)
             return 2
-    asyncio.run(serve(args, config, endpoints))
+    asyncio.run(serve(args, LiveConfig(settings, tiers, (args.host, args.port)), endpoints))
     return 0
 
 

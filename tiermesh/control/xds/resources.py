@@ -18,7 +18,16 @@ from typing import Any
 import yaml
 
 from tiermesh.control.envoy_config import render_envoy
-from tiermesh.kit.topology import WEIGHT_SCALE, TierSpec, arms, cluster_name, runtime_prefix
+from tiermesh.kit.topology import (
+    MAX_REPLICAS,
+    WEIGHT_SCALE,
+    TierSpec,
+    arm_prefix,
+    arms,
+    cluster_name,
+    runtime_prefix,
+    with_deployments,
+)
 
 TYPE_CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 TYPE_ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -84,6 +93,42 @@ def mesh_config(
     static["layered_runtime"] = {"layers": runtime_layers()}
     weighted = tuple(t for t in tiers if len(arms(settings, t)) > 1)
     return MeshConfig(static, clusters, routes, weighted)
+
+
+def live_settings(
+    settings: Mapping[str, str],
+    tiers: tuple[TierSpec, ...],
+    endpoints: Endpoints,
+    deployments: Mapping[str, str],
+) -> dict[str, str]:
+    """The settings to render from: the mesh's, with the treatments deployed or removed live, and
+    each arm's replica count the number running now (its circuit breakers admit all their calls)."""
+    live = with_deployments(settings, deployments)
+    for tier in tiers:
+        for arm in arms(live, tier):
+            running = len(endpoints.get(cluster_name(tier, arm), ()))
+            if running:
+                live[f"{arm_prefix(tier, arm)}REPLICAS"] = str(min(running, MAX_REPLICAS))
+    return live
+
+
+class LiveConfig:
+    """The mesh's configuration as its live state shapes it, rendered again only when that shape
+    changes (a treatment deployed or removed, a replica count)."""
+
+    def __init__(
+        self, settings: Mapping[str, str], tiers: tuple[TierSpec, ...], xds_address: tuple[str, int]
+    ) -> None:
+        self.settings, self.tiers, self.xds_address = dict(settings), tiers, xds_address
+        self._rendered: tuple[dict[str, str], MeshConfig] | None = None
+
+    def resources(
+        self, endpoints: Endpoints, weights: Mapping[str, int], deployments: Mapping[str, str]
+    ) -> dict[str, dict[str, dict]]:
+        live = live_settings(self.settings, self.tiers, endpoints, deployments)
+        if self._rendered is None or self._rendered[0] != live:
+            self._rendered = (live, mesh_config(live, self.tiers, self.xds_address))
+        return self._rendered[1].resources(endpoints, weights)
 
 
 def served_clusters(settings: Mapping[str, str], tiers: tuple[TierSpec, ...]) -> set[str]:

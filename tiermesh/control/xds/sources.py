@@ -1,5 +1,6 @@
 """Where the control plane learns the mesh's live state: the replicas (the local runner's state
-file, or Kubernetes' EndpointSlices) and the A/B weights (the store)."""
+file, or Kubernetes' EndpointSlices), and the A/B weights and live treatment deployments (the
+store)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import logging
 import os
 import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -15,7 +18,7 @@ import redis.asyncio as aioredis
 
 from tiermesh.control.kubernetes import SELECTOR, endpoints_from_slices
 from tiermesh.control.xds.resources import Endpoints
-from tiermesh.kit.topology import WEIGHTS_KEY, cluster_name, tier_named
+from tiermesh.kit.topology import DEPLOYMENTS_KEY, WEIGHTS_KEY, cluster_name, tier_named
 
 logger = logging.getLogger(__name__)
 
@@ -104,27 +107,42 @@ class KubernetesEndpoints:
         return self._last
 
 
-class StoreWeights:
-    """The treatment weight of each tier, from the store's `tiermesh:weights` hash."""
+@dataclass(frozen=True)
+class LiveState:
+    """What operators changed on the running mesh: each tier's treatment weight (hundredths of a
+    percent) and the treatments deployed (tier -> `<TIER>_TREATMENT` value; "" once removed)."""
+
+    weights: Mapping[str, int] = field(default_factory=dict)
+    deployments: Mapping[str, str] = field(default_factory=dict)
+
+
+class StoreState:
+    """The live state from the store: the `tiermesh:weights` and `tiermesh:deployments` hashes."""
 
     def __init__(self, url: str) -> None:
         self.client = aioredis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         self._down = False
 
-    async def read(self, last: dict[str, int]) -> dict[str, int]:
-        """The weights now, or `last` while the store cannot be read."""
+    async def read(self, last: LiveState) -> LiveState:
+        """The state now, or `last` while the store cannot be read."""
         try:
-            raw = await self.client.hgetall(WEIGHTS_KEY)
+            async with self.client.pipeline(transaction=True) as pipe:
+                raw_weights, raw_deployments = (
+                    await pipe.hgetall(WEIGHTS_KEY).hgetall(DEPLOYMENTS_KEY).execute()
+                )
         except (aioredis.RedisError, OSError) as error:
             if not self._down:
-                logger.warning("xds: cannot read the weights (%s); keeping the last ones", error)
+                logger.warning(
+                    "xds: cannot read the store (%s); keeping the last weights and deployments", error
+                )
             self._down = True
             return last
         self._down = False
         weights = {}
-        for tier, value in raw.items():
+        for tier, value in raw_weights.items():
             try:
                 weights[tier.decode()] = int(value)
             except ValueError:
                 logger.warning("xds: %s: weight %r is not an integer; ignored", WEIGHTS_KEY, value)
-        return weights
+        deployments = {tier.decode(): value.decode() for tier, value in raw_deployments.items()}
+        return LiveState(weights, deployments)
