@@ -130,6 +130,7 @@ def test_cli_up_outlives_its_command_and_down_stops_everything(
             "bias": "SERVING",
             "gateway": "SERVING",
             "otlp-sink": "SERVING",  # Envoy's spans into the trace file
+            "xds": "SERVING",  # the control plane Envoy's configuration comes from
             "envoy": "LIVE",
         }
         again = run_cli(env, "up")

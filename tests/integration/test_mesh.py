@@ -35,7 +35,8 @@ def test_status_reports_every_component_healthy(mesh):
     tiers = {"embedder", "retriever", "retriever-2", "llm", "classifiers", "bias", "gateway"}
     # A/A treatments of two cheap tiers, for the A/B tests (no users until a test moves some)
     tiers |= {"bias-treatment", "gateway-treatment"}
-    assert set(status) == {"store", "envoy", "otlp-sink", *tiers}
+    assert set(status) == {"store", "xds", "envoy", "otlp-sink", *tiers}
+    assert status["xds"]["health"] == "SERVING"  # Envoy's configuration comes from the control plane
     assert status["store"]["health"] == "SERVING" and status["store"]["url"].startswith("redis://127.0.0.1:")
     assert status["envoy"]["health"] == "LIVE" and status["envoy"]["admin"].startswith("127.0.0.1:")
     assert status["embedder"]["health"] == status["retriever-2"]["health"] == "SERVING"

@@ -21,7 +21,7 @@ from tiermesh.control.scale import scale
 from tiermesh.control.testing import running_mesh
 from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of, splits
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from tiermesh.kit.topology import ARM_HEADER, only, tier_named
+from tiermesh.kit.topology import ARM_HEADER, max_concurrency, only, tier_named
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -157,6 +157,13 @@ def test_scaling_out_and_in_under_load_fails_no_call(xds_mesh):
         scale(mesh, tier_named("retriever"), 3, progress=lines.append)
         third = mesh.state()["retriever-3"]["grpc"]
         wait_for(lambda: calls_to(status["envoy"]["admin"], third) > 10, 15, "calls on the new replica")
+        limit = str(3 * max_concurrency(mesh.settings, tier_named("retriever")))
+        runtime = EnvoyAdmin(status["envoy"]["admin"]).runtime
+        wait_for(
+            lambda: runtime()["circuit_breakers.retriever.default.max_requests"] == limit,
+            10,
+            "circuit breakers sized for 3 replicas",
+        )
         scale(mesh, tier_named("retriever"), 2, progress=lines.append)
         assert "retriever-3" not in mesh.state() and "retriever-3" not in mesh.status()
         time.sleep(1.0)

@@ -72,15 +72,26 @@ def test_a_cluster_without_replicas_has_no_endpoints_and_a_bad_resource_is_named
 
 
 def breakers(resources, cluster):
-    return resources[TYPE_CLUSTER][cluster]["circuit_breakers"]["thresholds"][0]["max_requests"]
+    layer = resources[TYPE_RUNTIME][RUNTIME_LAYER]["layer"]
+    return {
+        k.rsplit(".", 1)[1]: v
+        for k, v in layer.items()
+        if k.startswith(f"circuit_breakers.{cluster}.default.")
+    }
 
 
-def test_circuit_breakers_follow_the_live_replica_count():
-    live = LiveConfig(SETTINGS, only("retriever"), ("127.0.0.1", 18000))
+def test_circuit_breakers_follow_the_live_replica_count_through_the_runtime():
+    live = LiveConfig(SETTINGS, only("retriever", "gateway"), ("127.0.0.1", 18000))
     three = {"retriever": [("127.0.0.1", 7001), ("127.0.0.1", 7002), ("127.0.0.1", 7003)]}
-    assert breakers(live.resources(three, {}, {}), "retriever") == 3 * 256
-    # none running (all restarting): the configured count stays, never a breaker of 0
-    assert breakers(live.resources({}, {}, {}), "retriever") == 2 * 256
+    scaled = live.resources(three, {}, {})
+    assert breakers(scaled, "retriever") == dict.fromkeys(
+        ("max_connections", "max_pending_requests", "max_requests", "max_retries"), 3 * 256
+    )
+    # none running (all restarting): the configured count, never a breaker of 0
+    assert breakers(live.resources({}, {}, {}), "retriever")["max_requests"] == 2 * 256
+    assert breakers(scaled, "gateway_rest")["max_requests"] == breakers(scaled, "gateway")["max_requests"]
+    # the clusters themselves do not change: Envoy re-creates none of them
+    assert scaled[TYPE_CLUSTER] == live.resources({}, {}, {})[TYPE_CLUSTER]
 
 
 def test_a_treatment_deployed_live_adds_its_cluster_and_weighted_route_and_removal_drops_them():

@@ -261,7 +261,7 @@ class Mesh:
         what `down` will stop."""
         fresh = not state
         store_url = self._up_store(state, progress)
-        if self.settings.get("ENVOY_CONFIG", "file") == "xds":
+        if self.settings.get("ENVOY_CONFIG", "xds") == "xds":
             self.settings = with_deployments(self.settings, self._deployments(state, fresh=fresh))
         env = self.tier_environment()
         for tier in tiers:
@@ -412,7 +412,7 @@ class Mesh:
             sink = self._start_sink(int(s["OTLP_SINK_PORT"]), Path(env["TIERMESH_TRACES_FILE"]))
             self._serving(state, "otlp-sink", sink, timeout=15)
             progress(f"otlp-sink: Envoy's spans go to {env['TIERMESH_TRACES_FILE']}")
-        if s.get("ENVOY_CONFIG", "file") == "xds":
+        if s.get("ENVOY_CONFIG", "xds") == "xds":
             config = self._up_xds(state, tiers, env, {**self.environ, **envoy_settings}, progress)
         elif self._wanted(state, "envoy"):
             config = self._envoy_file({**self.environ, **envoy_settings}, tiers, fresh="envoy" not in state)

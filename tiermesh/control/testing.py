@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -113,3 +114,43 @@ def running_mesh(
         yield mesh, mesh.up(tiers=tiers, progress=lambda _line: None)
     finally:
         mesh.down(progress=lambda _line: None)
+
+
+def can_make_hosts() -> str:
+    """Why network namespaces cannot be made here, or "" when they can (root and iproute2)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "network namespaces need iproute2's `ip`"
+    return ""
+
+
+@contextlib.contextmanager
+def network_hosts(count: int) -> Iterator[tuple[str, dict[str, str]]]:
+    """`count` hosts on this machine: network namespaces, each with a veth on one bridge (a LAN).
+    Yields this host's address on the bridge and {namespace name: its address}; `ip link set
+    <name>-v down` cuts a host off. Everything is removed on exit."""
+    tag = f"tm{os.getpid() % 100_000}"
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    bridge, hub = f"{tag}br", f"{subnet}.1"
+    hosts = {f"{tag}{chr(ord('a') + i)}": f"{subnet}.{11 + i}" for i in range(count)}
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    try:
+        ip("link", "add", bridge, "type", "bridge")
+        ip("addr", "add", f"{hub}/24", "dev", bridge)
+        ip("link", "set", bridge, "up")
+        for name, address in hosts.items():
+            ip("netns", "add", name)
+            ip("link", "add", f"{name}-v", "type", "veth", "peer", "name", "eth0", "netns", name)
+            ip("link", "set", f"{name}-v", "master", bridge, "up")
+            ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
+            ip("-n", name, "link", "set", "eth0", "up")
+            ip("-n", name, "link", "set", "lo", "up")
+        yield hub, hosts
+    finally:
+        for name in hosts:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes its veth with it
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)

@@ -22,9 +22,10 @@ from tiermesh.kit.topology import (
     MAX_REPLICAS,
     WEIGHT_SCALE,
     TierSpec,
-    arm_prefix,
     arms,
     cluster_name,
+    max_concurrency,
+    replicas,
     runtime_prefix,
     with_deployments,
 )
@@ -39,6 +40,8 @@ TYPES = (TYPE_CLUSTER, TYPE_ENDPOINTS, TYPE_ROUTES, TYPE_RUNTIME)
 XDS_CLUSTER = "tiermesh_xds"
 RUNTIME_LAYER = "tiermesh-weights"
 ADS = {"ads": {}, "resource_api_version": "V3"}
+# The circuit breaker thresholds of envoy/cluster.yaml.tmpl, all set to one limit.
+BREAKER_THRESHOLDS = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
 
 # Live replicas: Envoy cluster name -> (host, port) of each.
 Endpoints = Mapping[str, Sequence[tuple[str, int]]]
@@ -53,13 +56,18 @@ class MeshConfig:
     routes: dict[str, dict[str, Any]]
     weighted_tiers: tuple[TierSpec, ...]
 
-    def resources(self, endpoints: Endpoints, weights: Mapping[str, int]) -> dict[str, dict[str, dict]]:
-        """Every resource by type URL and name, as dicts in Envoy's JSON form."""
+    def resources(
+        self, endpoints: Endpoints, weights: Mapping[str, int], breakers: Mapping[str, int] | None = None
+    ) -> dict[str, dict[str, dict]]:
+        """Every resource by type URL and name, as dicts in Envoy's JSON form; `breakers` are
+        runtime keys overriding circuit breaker thresholds (`breaker_limits`)."""
+        layer = runtime_layer(self.weighted_tiers, weights)
+        layer["layer"].update(breakers or {})
         return {
             TYPE_CLUSTER: self.clusters,
             TYPE_ENDPOINTS: {name: load_assignment(name, endpoints.get(name, ())) for name in self.clusters},
             TYPE_ROUTES: self.routes,
-            TYPE_RUNTIME: {RUNTIME_LAYER: runtime_layer(self.weighted_tiers, weights)},
+            TYPE_RUNTIME: {RUNTIME_LAYER: layer},
         }
 
 
@@ -95,26 +103,32 @@ def mesh_config(
     return MeshConfig(static, clusters, routes, weighted)
 
 
-def live_settings(
-    settings: Mapping[str, str],
-    tiers: tuple[TierSpec, ...],
-    endpoints: Endpoints,
-    deployments: Mapping[str, str],
-) -> dict[str, str]:
-    """The settings to render from: the mesh's, with the treatments deployed or removed live, and
-    each arm's replica count the number running now (its circuit breakers admit all their calls)."""
-    live = with_deployments(settings, deployments)
+def live_settings(settings: Mapping[str, str], deployments: Mapping[str, str]) -> dict[str, str]:
+    """The settings to render from: the mesh's, with the treatments deployed or removed live."""
+    return with_deployments(settings, deployments)
+
+
+def breaker_limits(
+    settings: Mapping[str, str], tiers: tuple[TierSpec, ...], endpoints: Endpoints
+) -> dict[str, int]:
+    """Runtime overrides of each served cluster's circuit breakers: the calls its replicas running
+    now take at once (none running: the configured count). Over RTDS, a new replica count changes
+    no cluster, so Envoy re-creates and re-warms none."""
+    limits = {}
     for tier in tiers:
-        for arm in arms(live, tier):
-            running = len(endpoints.get(cluster_name(tier, arm), ()))
-            if running:
-                live[f"{arm_prefix(tier, arm)}REPLICAS"] = str(min(running, MAX_REPLICAS))
-    return live
+        for arm in arms(settings, tier):
+            cluster = cluster_name(tier, arm)
+            running = len(endpoints.get(cluster, ())) or replicas(settings, tier, arm)
+            limit = max_concurrency(settings, tier, arm) * min(running, MAX_REPLICAS)
+            for name in (cluster, f"{cluster}_rest") if tier.rest else (cluster,):
+                for threshold in BREAKER_THRESHOLDS:
+                    limits[f"circuit_breakers.{name}.default.{threshold}"] = limit
+    return limits
 
 
 class LiveConfig:
-    """The mesh's configuration as its live state shapes it, rendered again only when that shape
-    changes (a treatment deployed or removed, a replica count)."""
+    """The mesh's configuration as its live state shapes it: rendered again only when a treatment
+    is deployed or removed; replica counts size the circuit breakers through the runtime."""
 
     def __init__(
         self, settings: Mapping[str, str], tiers: tuple[TierSpec, ...], xds_address: tuple[str, int]
@@ -125,10 +139,11 @@ class LiveConfig:
     def resources(
         self, endpoints: Endpoints, weights: Mapping[str, int], deployments: Mapping[str, str]
     ) -> dict[str, dict[str, dict]]:
-        live = live_settings(self.settings, self.tiers, endpoints, deployments)
+        live = live_settings(self.settings, deployments)
         if self._rendered is None or self._rendered[0] != live:
             self._rendered = (live, mesh_config(live, self.tiers, self.xds_address))
-        return self._rendered[1].resources(endpoints, weights)
+        breakers = breaker_limits(live, self.tiers, endpoints)
+        return self._rendered[1].resources(endpoints, weights, breakers)
 
 
 def served_clusters(settings: Mapping[str, str], tiers: tuple[TierSpec, ...]) -> set[str]:
