@@ -4,23 +4,19 @@ store, the split survives Envoy's restart and the control plane's, and replicas 
 deployments come and go on the running mesh without a failed call."""
 
 import os
-import re
 import signal
-import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import grpc
 import pytest
 
+from tests.integration.load import Load, calls_to, embed, search
 from tiermesh.control.deploy import deploy, remove
 from tiermesh.control.runner import Mesh, RunnerError
 from tiermesh.control.scale import scale
 from tiermesh.control.testing import running_mesh
 from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of, splits
-from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from tiermesh.kit.topology import ARM_HEADER, max_concurrency, only, tier_named
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
 
@@ -93,61 +89,6 @@ def test_a_split_set_with_traffic_survives_envoy_and_control_plane_restarts(xds_
     }
     set_treatment(EnvoyAdmin(status["envoy"]["admin"]), "retriever", 0)
     assert arms_seen(status) == {"control"}
-
-
-def calls_to(admin: str, address: str) -> int:
-    with urllib.request.urlopen(f"http://{admin}/clusters", timeout=2) as response:
-        found = re.search(
-            rf"^retriever::{re.escape(address)}::rq_total::(\d+)$", response.read().decode(), re.M
-        )
-    return int(found.group(1)) if found else 0
-
-
-class Load:
-    """Clients calling one RPC through Envoy until stopped, each as a user of its own (so an A/B
-    split sends some of them to each arm); counts calls, failures and the arms that answered."""
-
-    def __init__(self, envoy: str, call: Callable[[grpc.Channel, list], Any], clients: int = 4) -> None:
-        self.envoy, self.call = envoy, call
-        self.calls, self.failures, self.arms = 0, [], set()
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, client: int) -> None:
-        with grpc.insecure_channel(self.envoy) as channel:
-            n = 0
-            while not self.stopping.is_set():
-                n += 1
-                try:
-                    call = self.call(channel, [("x-tiermesh-user", f"user-{client}-{n % 50}")])
-                    self.arms |= {value for key, value in call.initial_metadata() if key == ARM_HEADER}
-                    self.calls += 1
-                except grpc.RpcError as error:
-                    self.failures.append(f"{error.code().name}: {error.details()}")
-
-    def __enter__(self) -> "Load":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join()
-
-
-def search(channel: grpc.Channel, metadata: list) -> grpc.Call:
-    stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
-    _, call = stub.Search.with_call(
-        retriever_pb2.SearchRequest(text="APR?", k=1), timeout=10, metadata=metadata
-    )
-    return call
-
-
-def embed(channel: grpc.Channel, metadata: list) -> grpc.Call:
-    stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
-    _, call = stub.Embed.with_call(embedder_pb2.EmbedRequest(text="APR?"), timeout=10, metadata=metadata)
-    return call
 
 
 def test_scaling_out_and_in_under_load_fails_no_call(xds_mesh):

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tiermesh.control.envoy_config import envoy_binary
 from tiermesh.control.testing import mesh_environ
+from tiermesh.kit.membership import REPLICA_KEY_PREFIX, replica_key
 from tiermesh.kit.testing import free_port
 from tiermesh.retriever.v1 import retriever_pb2, retriever_pb2_grpc
 
@@ -38,7 +39,9 @@ class Replica(retriever_pb2_grpc.RetrieverServiceServicer):
     def __init__(self, name: str) -> None:
         self.name = name
         self.port = free_port()
-        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(8))
+        # Envoy's keepalive PINGs (every 2 s) allowed, as the kit's servers allow them
+        options = [("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000)]
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(8), options=options)
         retriever_pb2_grpc.add_RetrieverServiceServicer_to_server(self, self.server)
         checks = health.HealthServicer()
         checks.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -67,10 +70,10 @@ class Plane:
         self.home = home
         self.environ = mesh_environ(home, OTLP_SINK_PORT="", RETRIEVER_TREATMENT="same")
         self.port = free_port()
-        self.state = home / "state.json"
         self.status = home / "xds.json"
         self.store_url = store_url
         self.replicas: dict[str, Replica] = {}
+        self.registry = redis.Redis.from_url(store_url)
         self.write_state()
         self.xds = self.start_xds()
         bootstrap = home / "envoy.yaml"
@@ -83,7 +86,7 @@ class Plane:
 
     def xds_argv(self, *extra: str) -> list[str]:
         return [sys.executable, "-m", "tiermesh.control.xds", "--tiers", "retriever",
-                "--port", str(self.port), "--state", str(self.state), "--store", self.store_url,
+                "--port", str(self.port), "--source", "registry", "--store", self.store_url,
                 "--status", str(self.status), "--interval", "0.1", *extra]  # fmt: skip
 
     def run_xds(self, *extra: str) -> None:
@@ -94,14 +97,21 @@ class Plane:
             return subprocess.Popen(self.xds_argv(), env=self.environ, stdout=log, stderr=log)
 
     def write_state(self, arms: dict[str, str] | None = None) -> None:
+        """Register exactly the replicas of `self.replicas` (as each would while SERVING)."""
         arms = arms or {}
-        state = {
-            name: {"tier": "retriever", "arm": arms.get(name, "control"), "grpc": f"127.0.0.1:{r.port}"}
+        entries = {
+            replica_key("retriever", arms.get(name, "control"), f"127.0.0.1:{r.port}"): json.dumps(
+                {"tier": "retriever", "arm": arms.get(name, "control"), "grpc": f"127.0.0.1:{r.port}"}
+            )
             for name, r in self.replicas.items()
         }
-        scratch = self.state.with_suffix(".tmp")
-        scratch.write_text(json.dumps(state))
-        scratch.replace(self.state)
+        registered = self.registry.keys(f"{REPLICA_KEY_PREFIX}*")
+        with self.registry.pipeline(transaction=True) as pipe:
+            if registered:
+                pipe.delete(*registered)
+            if entries:
+                pipe.mset(entries)
+            pipe.execute()
 
     def add(self, name: str, arms: dict[str, str] | None = None) -> Replica:
         self.replicas[name] = Replica(name)
@@ -191,9 +201,8 @@ def test_a_configuration_envoy_refuses_is_reported_and_the_last_good_one_kept(pl
     plane.add("r1")
     wait_for(lambda: plane.served_by(5) == {"r1"}, 30, "Envoy routing")
     plane.replicas["bad"] = Replica("bad")
-    state = json.loads(plane.state.read_text())
-    state["bad"] = {"tier": "retriever", "grpc": "not-an-ip:1"}  # Envoy refuses a hostname in EDS
-    plane.state.write_text(json.dumps(state))
+    bad = {"tier": "retriever", "grpc": "not-an-ip:1"}  # Envoy refuses a hostname in EDS
+    plane.registry.set(replica_key("retriever", "control", "not-an-ip:1"), json.dumps(bad))
     wait_for(lambda: json.loads(plane.status.read_text())["rejected"], 15, "the NACK in the status file")
     rejected = json.loads(plane.status.read_text())["rejected"][0]
     assert rejected["type_url"].endswith("ClusterLoadAssignment") and "not-an-ip" in rejected["message"]

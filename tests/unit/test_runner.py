@@ -191,3 +191,43 @@ def test_stop_process_stops_a_recorded_process_gracefully():
     record = {"pid": process.pid, "started": _process(process.pid)[1]}
     assert stop_process(record, timeout=10)  # True: it went on SIGTERM, before any SIGKILL
     assert _process(process.pid) is None  # gone, and reaped (no zombie left)
+
+
+def test_replicas_are_placed_on_the_named_hosts_in_turn():
+    from tiermesh.kit.topology import placement, tier_named
+
+    settings = {
+        "MESH_HOSTS": "a=10.0.0.11, b=10.0.0.12",
+        "MESH_ADDRESS": "10.0.0.1",
+        "MESH_HOST_EXEC": "ip netns exec {name}",
+        "RETRIEVER_PLACEMENT": "a,local,b",
+    }
+    retriever = tier_named("retriever")
+    assert [placement(settings, retriever, i) for i in range(4)] == [
+        ("a", "10.0.0.11"),
+        None,
+        ("b", "10.0.0.12"),
+        ("a", "10.0.0.11"),
+    ]
+    assert placement(settings, tier_named("embedder"), 0) is None  # no placement: this host
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"MESH_HOSTS": "a", "MESH_ADDRESS": "x", "MESH_HOST_EXEC": "{name}"}, "expected NAME=ADDRESS"),
+        ({"MESH_HOSTS": "a=1.2.3.4", "MESH_HOST_EXEC": "{name}"}, "set MESH_ADDRESS too"),
+        ({"MESH_HOSTS": "a=1.2.3.4", "MESH_ADDRESS": "1.2.3.1"}, "set MESH_HOST_EXEC"),
+        (
+            {"MESH_HOSTS": "a=1.2.3.4", "MESH_ADDRESS": "1.2.3.1", "MESH_HOST_EXEC": "{name}",
+             "RETRIEVER_PLACEMENT": "c"},
+            "RETRIEVER_PLACEMENT: unknown host 'c'",
+        ),
+    ],
+)  # fmt: skip
+def test_a_bad_host_setting_is_named(settings, message):
+    from tiermesh.kit.topology import placement, tier_named
+
+    settings = {"RETRIEVER_PLACEMENT": "a", **settings}
+    with pytest.raises(TopologyError, match=message):
+        placement(settings, tier_named("retriever"), 0)

@@ -2,14 +2,13 @@
 (a local HTTP server answering with recorded EndpointSlices stands in for the API server)."""
 
 import http.server
-import json
 import threading
 from pathlib import Path
 
 import pytest
 
 from tiermesh.control.kubernetes import SELECTOR
-from tiermesh.control.xds.sources import KubernetesEndpoints, StateFileEndpoints
+from tiermesh.control.xds.sources import KubernetesEndpoints, endpoints_of
 
 SLICES = (Path(__file__).parent / "data" / "endpointslices.json").read_bytes()
 
@@ -57,23 +56,15 @@ async def test_endpointslices_are_listed_with_the_token_and_selector_and_kept_th
     assert FakeApi.seen[-1][1] == "Bearer secret-2"
 
 
-async def test_the_state_file_lists_each_replica_under_its_arms_cluster(tmp_path):
-    state = tmp_path / "state.json"
-    state.write_text(json.dumps({
-        "store": {"url": "redis://127.0.0.1:1/0"},
-        "retriever": {"tier": "retriever", "arm": "control", "grpc": "127.0.0.1:7001"},
-        "gateway-treatment": {"tier": "gateway", "arm": "treatment", "grpc": "127.0.0.1:7101",
-                              "http": "127.0.0.1:7102"},
-    }))  # fmt: skip
-    source = StateFileEndpoints(state)
-    assert await source.read() == {
-        "retriever": [("127.0.0.1", 7001)],
-        "gateway_treatment": [("127.0.0.1", 7101)],
-        "gateway_treatment_rest": [("127.0.0.1", 7102)],
+def test_registry_entries_become_each_arms_cluster_and_bad_ones_are_left_out():
+    entries = [
+        {"tier": "retriever", "arm": "control", "grpc": "10.0.0.11:7001"},
+        {"tier": "gateway", "arm": "treatment", "grpc": "10.0.0.12:7101", "http": "10.0.0.12:7102"},
+        {"tier": "retriever", "arm": "control", "grpc": "no-port"},
+        {"tier": "no-such-tier", "grpc": "10.0.0.13:1"},
+    ]
+    assert endpoints_of(entries, "test") == {
+        "retriever": [("10.0.0.11", 7001)],
+        "gateway_treatment": [("10.0.0.12", 7101)],
+        "gateway_treatment_rest": [("10.0.0.12", 7102)],
     }
-    broken = json.loads(state.read_text())
-    broken["retriever-2"] = {"tier": "retriever", "arm": "control", "grpc": "no-port"}
-    state.write_text(json.dumps(broken))
-    assert (await source.read())["retriever"] == [("127.0.0.1", 7001)]  # a bad address is left out
-    state.write_text("{half a write")
-    assert (await source.read())["retriever"] == [("127.0.0.1", 7001)]  # the last good list

@@ -56,6 +56,7 @@ def _own_settings(config: type, base: type, prefix: str) -> list[tuple[str, str,
 
 
 def _tier_sections() -> Iterator[str]:
+    from tiermesh.kit.membership import MembershipConfig
     from tiermesh.kit.telemetry import TelemetryConfig
 
     yield "## Every tier\n\nEach tier has these, with its own prefix (shown for the embedder):\n\n"
@@ -64,6 +65,8 @@ def _tier_sections() -> Iterator[str]:
     yield _table(describe(FollowingConfig, prefix="RETRIEVER_")[len(dataclasses.fields(ServerConfig)) :])
     yield "\nLogging, tracing and the A/B arm, the same for every tier:\n\n"
     yield _table(describe(TelemetryConfig, prefix="TIERMESH_"))
+    yield "\nThe registry of live replicas (set by the runner when the xDS control plane serves Envoy):\n\n"
+    yield _table(describe(MembershipConfig, prefix="TIERMESH_"))
     for tier in TIERS:
         config = tier_config(tier)
         base = FollowingConfig if issubclass(config, FollowingConfig) else ServerConfig

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -39,6 +40,8 @@ from tiermesh.kit.topology import (
     arms,
     cluster_name,
     max_concurrency,
+    mesh_hosts,
+    placement,
     read_settings,
     replica_name,
     replica_ports,
@@ -176,6 +179,13 @@ class Mesh:
         self.log_dir = self.run_dir / "logs"
         self.state_file = self.run_dir / "state.json"
         self.supervise_dir = self.run_dir / "supervise"
+        # where other hosts reach this one's Envoy and store (MESH_ADDRESS), else loopback only
+        self.address = self.settings.get("MESH_ADDRESS") or "127.0.0.1"
+
+    @property
+    def on_xds(self) -> bool:
+        """Envoy gets its configuration from the mesh's xDS control plane (else: one static file)."""
+        return self.settings.get("ENVOY_CONFIG", "xds") == "xds"
 
     # state ---------------------------------------------------------------------------------------
 
@@ -260,8 +270,9 @@ class Mesh:
         running already), then wait for them in that order; `state` (saved after each start) is
         what `down` will stop."""
         fresh = not state
+        mesh_hosts(self.settings)  # a bad host list stops the start before anything runs
         store_url = self._up_store(state, progress)
-        if self.settings.get("ENVOY_CONFIG", "xds") == "xds":
+        if self.on_xds:
             self.settings = with_deployments(self.settings, self._deployments(state, fresh=fresh))
         env = self.tier_environment()
         for tier in tiers:
@@ -372,7 +383,9 @@ class Mesh:
         name = replica_name(tier, index, arm)
         overrides = (treatment_overrides(s, tier) or {}) if arm == "treatment" else {}
         ports = {kind: replica_ports(s, tier, kind, arm)[0] + index for kind in tier.port_kinds()}
-        envoy_address = f"127.0.0.1:{s['ENVOY_GRPC_PORT']}"
+        envoy_address = f"{self.address}:{s['ENVOY_GRPC_PORT']}"
+        host = placement(s, tier, index)
+        bind = host[1] if host else "127.0.0.1"
         replica_env = {
             **env,
             # each tier finds the others through Envoy, and the store for caches/announcements
@@ -386,14 +399,23 @@ class Mesh:
             **{f"{tier.prefix}{kind}_PORT": str(port) for kind, port in ports.items()},
             "TIERMESH_ARM": arm,
             "TIERMESH_REPLICA": name,
+            f"{tier.prefix}HOST": bind,
         }
-        addresses = {kind.lower(): f"127.0.0.1:{port}" for kind, port in ports.items()}
+        if self.on_xds:  # the control plane learns the replicas from the registry
+            replica_env["TIERMESH_REGISTRY_URL"] = store_url
+        addresses = {kind.lower(): f"{bind}:{port}" for kind, port in ports.items()}
+        argv = [sys.executable, "-m", tier.module]
+        if host:
+            argv = shlex.split(s["MESH_HOST_EXEC"].format(name=host[0], address=host[1])) + argv
         state[name] = {
-            **self._spawn(name, [sys.executable, "-m", tier.module], replica_env, tier.module),
+            **self._spawn(name, argv, replica_env, tier.module),
             **{"tier": tier.name, "arm": arm, "service": tier.service, **addresses},
         }
+        if host:
+            state[name]["host"] = host[0]
         self.save(state)
-        progress(f"{name}: started (pid {state[name]['pid']}), loading its model")
+        where = f" on {host[0]} ({host[1]})" if host else ""
+        progress(f"{name}: started{where} (pid {state[name]['pid']}), loading its model")
         return name
 
     def _up_envoy(
@@ -406,13 +428,15 @@ class Mesh:
         """The trace sink when Envoy's spans need one, then Envoy with a freshly rendered config."""
         s = self.settings
         envoy_settings = dict(s)
+        envoy_settings.setdefault("ENVOY_LISTEN_HOST", self.address)
+        listening = envoy_settings["ENVOY_LISTEN_HOST"].replace("0.0.0.0", "127.0.0.1")
         if not self._sink_wanted(env):
             envoy_settings.pop("OTLP_SINK_PORT", None)
         elif self._wanted(state, "otlp-sink"):
             sink = self._start_sink(int(s["OTLP_SINK_PORT"]), Path(env["TIERMESH_TRACES_FILE"]))
             self._serving(state, "otlp-sink", sink, timeout=15)
             progress(f"otlp-sink: Envoy's spans go to {env['TIERMESH_TRACES_FILE']}")
-        if s.get("ENVOY_CONFIG", "xds") == "xds":
+        if self.on_xds:
             config = self._up_xds(state, tiers, env, {**self.environ, **envoy_settings}, progress)
         elif self._wanted(state, "envoy"):
             config = self._envoy_file({**self.environ, **envoy_settings}, tiers, fresh="envoy" not in state)
@@ -433,12 +457,12 @@ class Mesh:
         argv += ["--service-cluster", "tiermesh", "--service-node", "local"]
         state["envoy"] = {
             **self._spawn("envoy", argv, self.environ, str(config_path)),
-            "grpc": f"127.0.0.1:{s['ENVOY_GRPC_PORT']}",
+            "grpc": f"{listening}:{s['ENVOY_GRPC_PORT']}",
             "admin": f"127.0.0.1:{s['ENVOY_ADMIN_PORT']}",
             "metrics": f"127.0.0.1:{s['ENVOY_METRICS_PORT']}",
         }
         if any(tier.rest for tier in tiers):
-            state["envoy"]["http"] = f"127.0.0.1:{s['ENVOY_HTTP_PORT']}"
+            state["envoy"]["http"] = f"{listening}:{s['ENVOY_HTTP_PORT']}"
         self.save(state)
 
     def _envoy_file(self, settings: Mapping[str, str], tiers: tuple[TierSpec, ...], *, fresh: bool) -> str:
@@ -459,8 +483,8 @@ class Mesh:
         settings: Mapping[str, str],
         progress: Callable[[str], None],
     ) -> str:
-        """The xDS control plane (supervised), serving Envoy the replicas of the state file and
-        the weights of the store; returns Envoy's bootstrap, which points at it."""
+        """The xDS control plane (supervised), serving Envoy the replicas registered in the store
+        and its weights and deployments; returns Envoy's bootstrap, which points at it."""
         import yaml
 
         from tiermesh.control.xds.resources import mesh_config
@@ -469,7 +493,7 @@ class Mesh:
         store_url = state["store"]["url"]
         if self._wanted(state, "xds"):
             argv = [sys.executable, "-m", "tiermesh.control.xds", "--port", str(port),
-                    "--tiers", ",".join(t.name for t in tiers), "--state", str(self.state_file),
+                    "--tiers", ",".join(t.name for t in tiers), "--source", "registry",
                     "--store", store_url, "--status", str(self.run_dir / "xds.json")]  # fmt: skip
             started = {**self._spawn("xds", argv, env, "tiermesh.control.xds"), "grpc": f"127.0.0.1:{port}"}
             self._serving(state, "xds", started, timeout=30)
@@ -571,7 +595,8 @@ class Mesh:
         # Durable: every write goes to an append-only file fsynced each second (the gateway waits
         # for the fsync of keys, revocations and feedback: WAITAOF), plus RDB snapshots. Bounded:
         # at STORE_MAXMEMORY writes are refused (noeviction) rather than keys silently dropped.
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir)]
+        binds = ["127.0.0.1"] + ([self.address] if self.address != "127.0.0.1" else [])
+        argv = [binary, "--port", str(port), "--bind", *binds, "--dir", str(data_dir)]
         argv += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1"]
         argv += [
             "--maxmemory",
@@ -579,8 +604,8 @@ class Mesh:
             "--maxmemory-policy",
             "noeviction",
         ]
-        argv += ["--protected-mode", "yes"]
-        return {**self._spawn("store", argv, self.environ, binary), "url": f"redis://127.0.0.1:{port}/0"}
+        argv += ["--protected-mode", "yes" if len(binds) == 1 else "no"]  # other hosts: by bind address
+        return {**self._spawn("store", argv, self.environ, binary), "url": f"redis://{self.address}:{port}/0"}
 
     # down / status -----------------------------------------------------------------------------
 

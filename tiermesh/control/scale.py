@@ -1,11 +1,12 @@
 """`tiermesh scale <tier>=<n>`: add or remove replicas of a running mesh without a restart.
 
-Needs the mesh on its xDS control plane (`ENVOY_CONFIG=xds`): the control plane reads the replicas
-from the runner's state file, so a replica recorded there reaches Envoy over EDS and one removed
-leaves it. A new replica takes calls once it is SERVING and Envoy's health check agrees; a
-removed one (the highest-numbered first) drains before it goes: SIGTERM → NOT_SERVING while it
-still serves, Envoy takes it out of the pool, in-flight calls finish, then it leaves the list.
-The control arm is scaled; replica ports are the arm's base ports + the replica's index.
+Needs the mesh on its xDS control plane (`ENVOY_CONFIG=xds`, the default): a replica registers in
+the store once SERVING, and the control plane serves the registered replicas to Envoy over EDS. A
+new replica takes calls once Envoy's health check agrees too; a removed one (the highest-numbered
+first) drains before it goes: SIGTERM → NOT_SERVING and out of the registry while it still serves,
+Envoy takes it out of the pool, in-flight calls finish, then it stops. The control arm is scaled;
+replica ports are the arm's base ports + the replica's index, its host the next of
+`<TIER>_PLACEMENT` when the tier is spread over several.
 """
 
 from __future__ import annotations

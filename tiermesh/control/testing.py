@@ -152,5 +152,7 @@ def network_hosts(count: int) -> Iterator[tuple[str, dict[str, str]]]:
         yield hub, hosts
     finally:
         for name in hosts:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes its veth with it
+            # the namespace goes once its last process has; its veth pair goes now
+            subprocess.run(["ip", "link", "del", f"{name}-v"], capture_output=True)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)

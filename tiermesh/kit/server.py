@@ -14,6 +14,9 @@ message), configures JSON logs and tracing, and serves the tier:
 * at most `MAX_CONCURRENT_RPCS` product calls run at once; one more is refused at once with
   RESOURCE_EXHAUSTED (health and reflection are never refused), so overload is a fast, clear
   answer and every queue behind the servicer (micro-batches, vLLM's waiting requests) is bounded;
+* with `TIERMESH_REGISTRY_URL` set, a SERVING replica keeps its entry in the mesh's registry of live
+  replicas (`tiermesh.kit.membership`), which the xDS control plane serves to Envoy; NOT_SERVING
+  takes it out at once, and a replica that dies or is cut off expires from it;
 * SIGTERM/SIGINT: health goes NOT_SERVING while calls are still served for `DRAIN_DELAY_S` (long
   enough for Envoy's health checks to take the replica out of the pool, so nothing is sent to a
   closed port); then new calls are refused, in-flight ones get the grace period to finish, the
@@ -42,6 +45,7 @@ from tiermesh.common.v1 import common_pb2
 from tiermesh.kit import contract, logs, metrics, telemetry
 from tiermesh.kit.config import ConfigError, ServerConfig, describe, load
 from tiermesh.kit.errors import RpcError, explain_undecodable
+from tiermesh.kit.membership import Membership, MembershipConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +77,18 @@ class Tier(Protocol):
 class TierServer:
     """A started gRPC server for one tier, with health, reflection, metrics and tracing."""
 
-    def __init__(self, tier: Tier, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        tier: Tier,
+        config: ServerConfig,
+        membership: MembershipConfig | None = None,
+        arm: str = "control",
+    ) -> None:
         self.tier = tier
         self.config = config
+        self.membership_config = membership or MembershipConfig()
+        self.arm = arm
+        self.membership: Membership | None = None
         self.port = 0
         self.metrics_port = 0
         self.health = health.aio.HealthServicer()
@@ -97,6 +110,9 @@ class TierServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                # Envoy PINGs every 2 s to find replicas whose host went silent: allowed, not
+                # answered with GOAWAY "too_many_pings"
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
             ],
@@ -114,6 +130,7 @@ class TierServer:
         self._server = server
         self._metrics_http, _ = metrics.serve_metrics(self.config.host, self.config.metrics_port)
         self.metrics_port = self._metrics_http.server_port
+        self._join_registry()
         logger.info(
             "%s listening on %s (metrics on :%d), loading engine",
             self.tier.name,
@@ -122,14 +139,32 @@ class TierServer:
             extra={"fields": {"grpc_port": self.port, "metrics_port": self.metrics_port}},
         )
 
+    def _join_registry(self) -> None:
+        """Prepare the registry entry (written once SERVING): where other hosts reach this replica."""
+        if not self.membership_config.registry_url:
+            return
+        host = self.membership_config.advertise_host or self.config.host
+        entry = {"tier": self.tier.name, "arm": self.arm, "grpc": f"{host}:{self.port}"}
+        self.membership = Membership(
+            self.membership_config.registry_url, entry, ttl_s=self.membership_config.registry_ttl_s
+        )
+        self.membership.start()
+
     async def report_serving(self, serving: bool) -> None:
         """Set every service's health: a tier calls this with False when its engine fails, so
-        Envoy and the runner stop sending it traffic instead of letting calls hang."""
+        Envoy and the runner stop sending it traffic instead of letting calls hang. The registry
+        entry follows."""
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", *self.tier.service_names):
             await self.health.set(service, status)
+        if self.membership is not None:
+            http_port = getattr(self.tier, "http_port", None)  # a tier with a REST face (the gateway)
+            if http_port:
+                host = self.membership.entry["grpc"].rpartition(":")[0]
+                self.membership.entry["http"] = f"{host}:{http_port}"
+            await self.membership.set_serving(serving)
 
     async def load(self) -> None:
         """Load the engine, then report SERVING."""
@@ -150,6 +185,8 @@ class TierServer:
         """Report NOT_SERVING but keep serving for the drain delay: Envoy's health checks take the
         replica out of the pool before its port closes, so no call is sent to a closed port."""
         await self.health.enter_graceful_shutdown()
+        if self.membership is not None:
+            await self.membership.set_serving(False)
         if hasattr(self.tier, "drain"):  # a tier with another face to take out of the pool (REST)
             await self.tier.drain()
         if self.config.drain_delay_s:
@@ -167,15 +204,19 @@ class TierServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.tier.stop()
+        if self.membership is not None:
+            await self.membership.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         logger.info("%s stopped", self.tier.name)
 
 
-async def serve(tier: Tier, config: ServerConfig) -> int:
+async def serve(
+    tier: Tier, config: ServerConfig, membership: MembershipConfig | None = None, arm: str = "control"
+) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
-    server = TierServer(tier, config)
+    server = TierServer(tier, config, membership, arm)
     await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -212,19 +253,21 @@ def run(name: str, config_class: type[ConfigT], build: Callable[[ConfigT], Tier]
         print(f"python -m services.{name}: serve the {name} tier.\n")
         print("Configured only by environment variables (a bad value stops start-up):\n")
         rows = describe(config_class, prefix=prefix) + describe(telemetry.TelemetryConfig, prefix="TIERMESH_")
+        rows += describe(MembershipConfig, prefix="TIERMESH_")
         for variable, default, meaning in rows:
             print(f"  {variable:<30} {default:<20} {meaning}")
         raise SystemExit(0)
     try:
         config = load(config_class, prefix=prefix)
         telemetry_config = load(telemetry.TelemetryConfig, prefix="TIERMESH_")
+        membership = load(MembershipConfig, prefix="TIERMESH_")
         logs.configure(f"tiermesh-{name}", telemetry_config.log_level)
         telemetry.configure(f"tiermesh-{name}", telemetry_config)
         metrics.set_arm(telemetry_config.arm)
     except ConfigError as error:
         print(f"tiermesh-{name}: configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(asyncio.run(serve(build(config), config)))
+    raise SystemExit(asyncio.run(serve(build(config), config, membership, telemetry_config.arm)))
 
 
 # -- the interceptor ---------------------------------------------------------------------------

@@ -190,6 +190,44 @@ def with_deployments(settings: Mapping[str, str], deployments: Mapping[str, str]
     return merged
 
 
+def mesh_hosts(settings: Mapping[str, str]) -> dict[str, str]:
+    """The other hosts replicas may be placed on (`MESH_HOSTS`: NAME=ADDRESS, comma-separated)."""
+    hosts: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in settings.get("MESH_HOSTS", "").split(","))):
+        name, sep, address = item.partition("=")
+        if not sep or not name.strip() or not address.strip():
+            raise TopologyError(f"MESH_HOSTS: expected NAME=ADDRESS pairs separated by commas, got {item!r}")
+        hosts[name.strip()] = address.strip()
+    if hosts and not settings.get("MESH_ADDRESS"):
+        raise TopologyError(
+            "MESH_HOSTS: set MESH_ADDRESS too (where other hosts reach this one's Envoy and store)"
+        )
+    if hosts and "{" not in settings.get("MESH_HOST_EXEC", ""):
+        raise TopologyError(
+            "MESH_HOSTS: set MESH_HOST_EXEC, the command that runs a process on a host, with {name} or "
+            "{address} in it (e.g. `ip netns exec {name}`)"
+        )
+    return hosts
+
+
+def placement(settings: Mapping[str, str], tier: TierSpec, index: int) -> tuple[str, str] | None:
+    """The host (name, address) replica `index` of `tier` runs on (`<TIER>_PLACEMENT`: host names,
+    taken in turn), or None for this host."""
+    key = f"{tier.prefix}PLACEMENT"
+    names = [name.strip() for name in settings.get(key, "").split(",") if name.strip()]
+    if not names:
+        return None
+    hosts = mesh_hosts(settings)
+    name = names[index % len(names)]
+    if name == "local":
+        return None
+    if name not in hosts:
+        raise TopologyError(
+            f"{key}: unknown host {name!r} (MESH_HOSTS has {', '.join(hosts) or 'none'}; or local)"
+        )
+    return name, hosts[name]
+
+
 def arms(settings: Mapping[str, str], tier: TierSpec) -> tuple[str, ...]:
     """The deployments of `tier`: its control, and its treatment when one is configured."""
     return ARMS if treatment_overrides(settings, tier) is not None else ARMS[:1]

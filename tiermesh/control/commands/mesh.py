@@ -95,7 +95,7 @@ def _print_status(report: dict, as_json: bool) -> None:
         return
     for name, entry in report.items():
         addresses = "  ".join(
-            f"{k}={v}" for k, v in entry.items() if k in ("grpc", "http", "admin", "metrics", "url")
+            f"{k}={v}" for k, v in entry.items() if k in ("host", "grpc", "http", "admin", "metrics", "url")
         )
         print(f"{name:<14} {entry['health']:<12} {_supervision(entry):<34} {addresses}")
         if entry.get("log_tail"):

@@ -1,11 +1,12 @@
 """The mesh's xDS control plane: serves Envoy its clusters, endpoints, routes and A/B weights.
 
-    python -m tiermesh.control.xds --port 18000 --state run/state.json --store redis://...
+    python -m tiermesh.control.xds --port 18000 --store redis://...
     python -m tiermesh.control.xds --bootstrap envoy.yaml ...   # write Envoy's bootstrap and exit
 
-Endpoints are the replicas the local runner's state file lists (`--source local`), or, in
-Kubernetes (`--source kubernetes`), the ready endpoints of the tiers' EndpointSlices in this pod's
-namespace (deploy/k8s/); Envoy health-checks them either way. From the store come the A/B weights
+Endpoints are the replicas registered in the store while SERVING (`--source registry`: each keeps
+a key alive, `tiermesh.kit.membership`, from whatever host it runs on), or, in Kubernetes
+(`--source kubernetes`), the ready endpoints of the tiers' EndpointSlices in this pod's namespace
+(deploy/k8s/); Envoy health-checks them either way. From the store come the A/B weights
 (`tiermesh:weights`: tier -> treatment weight in hundredths of a percent) and the treatments
 deployed on the running mesh (`tiermesh:deployments`: tier -> its `<TIER>_TREATMENT` value, ""
 once removed), which add or drop a tier's treatment cluster and weighted routes. All are re-read
@@ -38,7 +39,7 @@ from tiermesh.control.xds.sources import (
     EndpointSource,
     KubernetesEndpoints,
     LiveState,
-    StateFileEndpoints,
+    RegistryEndpoints,
     StoreState,
 )
 from tiermesh.kit.logs import configure
@@ -59,9 +60,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--tiers", default=",".join(t.name for t in TIERS), help="the tiers the mesh runs (default: all)"
     )
     parser.add_argument(
-        "--source", choices=("local", "kubernetes"), default="local", help="where the replicas are listed"
+        "--source",
+        choices=("registry", "kubernetes"),
+        default="registry",
+        help="where the replicas are listed: the store's registry (default) or EndpointSlices",
     )
-    parser.add_argument("--state", type=Path, help="--source local: the runner's state file (the replicas)")
     parser.add_argument("--store", default="", help="redis:// URL of the store holding the weights")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between re-reads (default 0.2)")
     parser.add_argument("--status", type=Path, help="write what Envoy accepted and refused here (JSON)")
@@ -147,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except protos.ProtosMissing as error:
         logger.error("xds: %s", error)
         return 2
-    if args.source == "local":
-        endpoints: EndpointSource = StateFileEndpoints(args.state)
+    if args.source == "registry":
+        if not args.store:
+            logger.error("xds: --source registry needs --store (the store replicas register in)")
+            return 2
+        endpoints: EndpointSource = RegistryEndpoints(args.store)
     else:
         try:
             endpoints = KubernetesEndpoints.in_cluster()

@@ -1,6 +1,6 @@
-"""Where the control plane learns the mesh's live state: the replicas (the local runner's state
-file, or Kubernetes' EndpointSlices), and the A/B weights and live treatment deployments (the
-store)."""
+"""Where the control plane learns the mesh's live state: the replicas (the store's registry, where
+replicas on any host register while SERVING, or Kubernetes' EndpointSlices), and the A/B weights
+and the treatments deployed live (the store)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ import json
 import logging
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import redis.asyncio as aioredis
 
 from tiermesh.control.kubernetes import SELECTOR, endpoints_from_slices
 from tiermesh.control.xds.resources import Endpoints
-from tiermesh.kit.topology import DEPLOYMENTS_KEY, WEIGHTS_KEY, cluster_name, tier_named
+from tiermesh.kit.membership import REPLICA_KEY_PREFIX
+from tiermesh.kit.topology import DEPLOYMENTS_KEY, WEIGHTS_KEY, TopologyError, cluster_name, tier_named
 
 logger = logging.getLogger(__name__)
 
@@ -29,34 +30,57 @@ class EndpointSource(Protocol):
         ...
 
 
-class StateFileEndpoints:
-    """The replicas the local runner's state file lists: each entry with a tier, an arm and its
-    gRPC address (and REST address, for the gateway). No file yet: no replicas."""
+def endpoints_of(entries: Iterable[Mapping[str, Any]], origin: str) -> Endpoints:
+    """Replica entries (a tier, an arm, a gRPC address and, for the gateway, a REST address) as
+    each cluster's endpoints; an address that is not host:port is left out with a warning."""
+    endpoints: dict[str, list[tuple[str, int]]] = {}
+    for entry in entries:
+        try:
+            cluster = cluster_name(tier_named(str(entry.get("tier"))), str(entry.get("arm", "control")))
+        except TopologyError as error:
+            logger.warning("xds: %s: %s; left out", origin, error)
+            continue
+        for kind, suffix in (("grpc", ""), ("http", "_rest")):
+            host, _, port = str(entry.get(kind, "")).rpartition(":")
+            if host and port.isdigit():
+                endpoints.setdefault(cluster + suffix, []).append((host, int(port)))
+            elif entry.get(kind):
+                logger.warning("xds: %s: %s address %r is not host:port; left out", origin, kind, entry[kind])
+    return endpoints
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+
+class RegistryEndpoints:
+    """The replicas registered in the store (`tiermesh.kit.membership`): one key per SERVING
+    replica, on whatever host it runs, expiring when the replica stops refreshing it."""
+
+    def __init__(self, url: str) -> None:
+        self.client = aioredis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         self._last: Endpoints = {}
+        self._down = False
 
     async def read(self) -> Endpoints:
         try:
-            state = json.loads(self.path.read_text()) if self.path else {}
-        except (OSError, ValueError):
-            return self._last  # written at this moment, or gone: keep what was known
-        endpoints: dict[str, list[tuple[str, int]]] = {}
-        for entry in state.values():
-            if not isinstance(entry, dict) or "tier" not in entry:
-                continue
-            cluster = cluster_name(tier_named(entry["tier"]), entry.get("arm", "control"))
-            for kind, suffix in (("grpc", ""), ("http", "_rest")):
-                host, _, port = str(entry.get(kind, "")).rpartition(":")
-                if host and port.isdigit():
-                    endpoints.setdefault(cluster + suffix, []).append((host, int(port)))
-                elif entry.get(kind):
+            keys = [key async for key in self.client.scan_iter(match=f"{REPLICA_KEY_PREFIX}*", count=1000)]
+            values = await self.client.mget(keys) if keys else []
+        except (aioredis.RedisError, OSError) as error:
+            if not self._down:
+                logger.warning("xds: cannot read the registry (%s); keeping the last endpoints", error)
+            self._down = True
+            return self._last
+        if self._down:
+            logger.info("xds: reading the registry again")
+        self._down = False
+        entries = []
+        for key, value in zip(keys, values, strict=True):
+            try:
+                entries.append(json.loads(value))
+            except (TypeError, ValueError):  # expired between SCAN and MGET, or not JSON
+                if value is not None:
                     logger.warning(
-                        "xds: %s: %s address %r is not host:port; left out", self.path, kind, entry[kind]
+                        "xds: registry entry %s is not JSON; left out", key.decode(errors="replace")
                     )
-        self._last = endpoints
-        return endpoints
+        self._last = endpoints_of(entries, "the registry")
+        return self._last
 
 
 class KubernetesEndpoints:
