@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.integration.gateway import rest_client
+from tiermesh.control.probes import envoy_host_health
 from tiermesh.control.restart import rolling_restart
 from tiermesh.control.runner import Mesh
 from tiermesh.control.testing import running_mesh
@@ -175,6 +176,9 @@ def test_the_llm_killed_mid_stream_fails_only_its_streams_clearly_and_restarts(c
     assert len(streams) == 3, streams
     assert all(s.startswith(("INTERNAL: Stream removed", "UNAVAILABLE: ")) for s in streams), streams
     back = wait_for(replaced(mesh, "llm", victim), tier_named("llm").load_timeout_s, "llm back")
+    # SERVING, it registers; the control plane adds it to Envoy, whose first health check passes
+    admin, address = mesh.status()["envoy"]["admin"], mesh.status()["llm"]["grpc"]
+    wait_for(lambda: envoy_host_health(admin, "llm", address) == "healthy", 15, "llm back in Envoy's pool")
     wait_for(lambda: engine_cores() == engines_before, 30, "the killed llm's engine processes gone")
     answer = llm_pb2_grpc.LlmServiceStub(envoy).Generate(
         llm_pb2.GenerateRequest(prompt="APR means", sampling=llm_pb2.SamplingParams(max_tokens=4)), timeout=60

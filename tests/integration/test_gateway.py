@@ -610,7 +610,8 @@ def test_personal_data_in_questions_never_reaches_the_gateway_log(api, status):
     email, phone, account = "jane.doe@example.com", "(415) 555-0134", "4111 1111 1111 1111"
     question = f"My email is {email}, call {phone}; why was card {account} declined for a recipe?"
     for body in ({"question": question}, {"question": question, "options": {"top_k": 99}}):
-        assert api.post(ADVICE, json=body).status_code in (200, 422)
+        response = api.post(ADVICE, json=body)
+        assert response.status_code in (200, 422), response.text
     log = Path(status["gateway"]["log"]).read_text(encoding="utf-8")
     assert '"POST /v1/advice' in log  # the requests were logged ...
     for raw in (email, phone, account):

@@ -40,7 +40,10 @@ class Replica(retriever_pb2_grpc.RetrieverServiceServicer):
         self.name = name
         self.port = free_port()
         # Envoy's keepalive PINGs (every 2 s) allowed, as the kit's servers allow them
-        options = [("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000)]
+        options = [
+            ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
         self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(8), options=options)
         retriever_pb2_grpc.add_RetrieverServiceServicer_to_server(self, self.server)
         checks = health.HealthServicer()

@@ -161,3 +161,20 @@ def test_envoy_closes_idle_rest_connections_before_the_gateway_would():
     ]
     idle = options["common_http_protocol_options"]["idle_timeout"]
     assert idle.endswith("s") and float(idle[:-1]) < HTTP_KEEP_ALIVE_S
+
+
+def test_the_tiers_accept_envoys_keepalive_pings():
+    """Envoy PINGs each replica to find silent hosts; a server that finds the PINGs too frequent
+    answers GOAWAY "too_many_pings" and the calls on that connection fail."""
+    from tiermesh.kit.server import server_options
+
+    options = dict(server_options(1))
+    keepalive = cluster(render_envoy(read_settings({}), only("llm")), "llm")[
+        "typed_extension_protocol_options"
+    ]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"][
+        "http2_protocol_options"
+    ]["connection_keepalive"]
+    interval_ms = float(keepalive["interval"].removesuffix("s")) * 1000
+    jitter = 0.15  # Envoy's default interval_jitter
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] < interval_ms * (1 - jitter)
+    assert options["grpc.keepalive_permit_without_calls"] == 1  # idle connections are PINGed too

@@ -74,6 +74,22 @@ class Tier(Protocol):
         """Release the engine after the server has drained."""
 
 
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments."""
+    return [
+        ("grpc.so_reuseport", 0),  # a port already in use must fail, not be shared
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # the PINGs a client may send: Envoy sends one every 2 s, calls or not, to find replicas
+        # whose host went silent; more often than this earns GOAWAY "too_many_pings", which
+        # fails the calls on the connection
+        ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
 class TierServer:
     """A started gRPC server for one tier, with health, reflection, metrics and tracing."""
 
@@ -105,17 +121,7 @@ class TierServer:
         max_bytes = self.config.max_message_mb * 1024 * 1024
         server = grpc.aio.server(
             interceptors=[_ObservingInterceptor(self.tier, self.config.max_concurrent_rpcs)],
-            options=[
-                ("grpc.so_reuseport", 0),  # a port already in use must fail, not be shared
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-                # Envoy PINGs every 2 s to find replicas whose host went silent: allowed, not
-                # answered with GOAWAY "too_many_pings"
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
-                ("grpc.max_receive_message_length", max_bytes),
-                ("grpc.max_send_message_length", max_bytes),
-            ],
+            options=server_options(max_bytes),
         )
         self.tier.register(server)
         if hasattr(self.tier, "report_serving"):  # tiers whose engine can die under them
