@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tiermesh.control import treatment
-from tiermesh.control.envoy_config import render_envoy, write_checked
+from tiermesh.control.envoy_config import write_checked
 from tiermesh.kit.contract import REPO_ROOT
 from tiermesh.kit.topology import TIERS, read_settings
 
@@ -40,7 +40,7 @@ def container_settings(service: str, shell: Mapping[str, str] | None = None) -> 
 
 def test_every_runner_component_is_a_compose_service_reading_the_ports_file():
     tiers = {tier.name for tier in TIERS}
-    assert set(SERVICES) == {"store", "envoy", "otlp-sink", *tiers, *TREATMENTS, *OBSERVABILITY}
+    assert set(SERVICES) == {"store", "xds", "envoy", "otlp-sink", *tiers, *TREATMENTS, *OBSERVABILITY}
     for name, service in SERVICES.items():
         if name not in OBSERVABILITY:
             assert service["env_file"] == ".env", name
@@ -48,7 +48,8 @@ def test_every_runner_component_is_a_compose_service_reading_the_ports_file():
         service = SERVICES[tier.name]
         assert (REPO_ROOT / service["build"]["dockerfile"]).is_file()
         assert service["environment"][f"{tier.prefix}HOST"] == "0.0.0.0"
-        assert SERVICES["envoy"]["environment"][f"{tier.prefix}ROUTE_HOST"] == tier.name
+        # each replica registers itself with the control plane's store once SERVING
+        assert service["environment"]["TIERMESH_REGISTRY_URL"] == "redis://store:${STORE_PORT}/0"
         assert "healthcheck" in service and "grpc_health" in " ".join(service["healthcheck"]["test"])
         # the mesh itself starts without a profile
         assert "profiles" not in service
@@ -97,15 +98,22 @@ def test_every_tier_has_a_treatment_service_on_its_own_ports(tier):
     assert service["command"] == SERVICES["embedder-treatment"]["command"]
 
 
-def test_envoy_routes_to_the_treatment_services_when_their_variable_is_set():
-    environment = SERVICES["envoy"]["environment"]
+def test_envoy_boots_from_the_control_plane_which_serves_the_registered_replicas():
+    xds, envoy = SERVICES["xds"], SERVICES["envoy"]
+    environment = xds["environment"]
     for tier in TIERS:
-        assert environment[f"{tier.prefix}TREATMENT_ROUTE_HOST"] == f"{tier.name}-treatment"
         assert environment[f"{tier.prefix}TREATMENT"] == f"${{{tier.prefix}TREATMENT:-}}"
-    assert environment["OTLP_SINK_HOST"] == "otlp-sink"
-    assert "${ENVOY_METRICS_PORT}:${ENVOY_METRICS_PORT}" in " ".join(SERVICES["envoy"]["ports"])
+    assert environment["OTLP_SINK_HOST"] == "otlp-sink" and environment["ENVOY_LISTEN_HOST"] == "0.0.0.0"
+    serve = " ".join(xds["command"])
+    assert "--bootstrap /var/lib/tiermesh/xds/envoy.yaml --address xds" in serve
+    assert "--source registry --store redis://store:${STORE_PORT}/0" in serve.replace("\n", " ")
+    assert "xds-config:/var/lib/tiermesh/xds" in xds["volumes"]
+    assert "envoy -c /var/lib/tiermesh/xds/envoy.yaml" in " ".join(envoy["command"])
+    assert "xds-config:/var/lib/tiermesh/xds:ro" in envoy["volumes"]
+    assert envoy["depends_on"]["xds"] == {"condition": "service_healthy"}
+    assert "${ENVOY_METRICS_PORT}:${ENVOY_METRICS_PORT}" in " ".join(envoy["ports"])
     # a service may not depend on one whose profile is off
-    assert not set(SERVICES["envoy"]["depends_on"]) & set(TREATMENTS)
+    assert not set(envoy["depends_on"]) & set(TREATMENTS)
     assert "${OTLP_SINK_PORT}" in SERVICES["otlp-sink"]["command"]
 
 
@@ -113,23 +121,41 @@ def _validate_envoy(config_text: str, tmp_path) -> None:
     write_checked(config_text, tmp_path / "envoy.yaml")  # raises with Envoy's words when rejected
 
 
-def test_envoy_accepts_the_config_rendered_for_containers(tmp_path):
-    config = render_envoy(container_settings("envoy"))
-    assert "address: embedder" in config
-    assert "_treatment" not in config  # no <TIER>_TREATMENT set: no treatment cluster
-    assert "address: otlp-sink" in config
-    _validate_envoy(config, tmp_path)
+def _bootstrap(tmp_path) -> dict:
+    """The bootstrap the xds container writes (its command's first part, with its environment)."""
+    settings = container_settings("xds")
+    out = tmp_path / "bootstrap.yaml"
+    store = f"redis://store:{settings['STORE_PORT']}/0"
+    argv = [sys.executable, "-m", "tiermesh.control.xds", "--bootstrap", str(out), "--address", "xds",
+            "--port", settings["XDS_PORT"], "--store", store]  # fmt: skip
+    subprocess.run(argv, env={**os.environ, **settings}, check=True, timeout=60)
+    return yaml.safe_load(out.read_text())
 
 
-def test_envoy_accepts_the_config_rendered_for_containers_with_every_treatment(tmp_path):
+def test_envoy_accepts_the_bootstrap_written_for_containers(tmp_path):
+    bootstrap = _bootstrap(tmp_path)
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    xds = clusters["tiermesh_xds"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert xds["endpoint"]["address"]["socket_address"]["address"] == "xds"
+    assert "otlp-sink" in yaml.safe_dump(clusters["traces"])
+    assert bootstrap["node"]["metadata"]["tiermesh_store"].startswith("redis://store:")
+    listening = {
+        listener["address"]["socket_address"]["address"]
+        for listener in bootstrap["static_resources"]["listeners"]
+    }
+    assert "0.0.0.0" in listening
+    _validate_envoy(yaml.safe_dump(bootstrap), tmp_path)
+
+
+def test_the_control_plane_serves_a_treatment_cluster_exactly_when_its_variable_is_set():
+    from tiermesh.control.xds.resources import mesh_config
+
+    plain = mesh_config(container_settings("xds"), TIERS, ("xds", 18000))
+    assert not [name for name in plain.clusters if "_treatment" in name]
     shell = {f"{tier.prefix}TREATMENT": "same" for tier in TIERS}
-    settings = read_settings({})
-    config = render_envoy(container_settings("envoy", shell))
+    every = mesh_config(container_settings("xds", shell), TIERS, ("xds", 18000))
     for tier in TIERS:
-        assert f"name: {tier.name}_treatment\n" in config
-        port = settings[f"{tier.prefix}TREATMENT_GRPC_PORT"]
-        assert f"address: {tier.name}-treatment, port_value: {port} }}" in config
-    _validate_envoy(config, tmp_path)
+        assert every.clusters[f"{tier.name}_treatment"]["type"] == "EDS"
 
 
 def _run_treatment_command(monkeypatch, tier: str, value: str | None) -> tuple[int | None, dict]:
@@ -219,8 +245,8 @@ def test_docker_compose_resolves_the_treatment_blocks():
     assert llm["environment"]["LLM_TREATMENT"] == "LLM_MODEL_VERSION=2"
     assert llm["environment"]["LLM_HOST"] == "0.0.0.0"  # merged from the control's block
     assert llm["shm_size"] == services["llm"]["shm_size"]
-    assert services["envoy"]["environment"]["LLM_TREATMENT"] == "LLM_MODEL_VERSION=2"
-    assert services["envoy"]["environment"]["BIAS_TREATMENT"] == ""
+    assert services["xds"]["environment"]["LLM_TREATMENT"] == "LLM_MODEL_VERSION=2"
+    assert services["xds"]["environment"]["BIAS_TREATMENT"] == ""
 
 
 def test_every_python_healthcheck_imports_what_exists():

@@ -498,9 +498,7 @@ class Mesh:
             started = {**self._spawn("xds", argv, env, "tiermesh.control.xds"), "grpc": f"127.0.0.1:{port}"}
             self._serving(state, "xds", started, timeout=30)
             progress(f"xds: the control plane serves Envoy's configuration on 127.0.0.1:{port}")
-        bootstrap = mesh_config(settings, tiers, ("127.0.0.1", port)).bootstrap
-        # `tiermesh traffic` finds the store the weights live in here (EnvoyAdmin.weights_store)
-        bootstrap["node"]["metadata"] = {"tiermesh_store": store_url}
+        bootstrap = mesh_config(settings, tiers, ("127.0.0.1", port)).bootstrap_naming(store_url)
         return yaml.safe_dump(bootstrap, sort_keys=False)
 
     def _serving(self, state: dict[str, Any], name: str, started: dict[str, Any], *, timeout: float) -> None:

@@ -29,6 +29,7 @@ import asyncio
 import inspect
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -150,6 +151,8 @@ class TierServer:
         if not self.membership_config.registry_url:
             return
         host = self.membership_config.advertise_host or self.config.host
+        if host in ("0.0.0.0", "::"):  # every interface (a container): the one its name resolves to
+            host = socket.gethostbyname(socket.gethostname())
         entry = {"tier": self.tier.name, "arm": self.arm, "grpc": f"{host}:{self.port}"}
         self.membership = Membership(
             self.membership_config.registry_url, entry, ttl_s=self.membership_config.registry_ttl_s

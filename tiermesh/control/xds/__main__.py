@@ -57,6 +57,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve ADS on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=18000, help="ADS port (default 18000)")
     parser.add_argument(
+        "--address",
+        default="",
+        help="the name or address Envoy reaches this control plane at, for --bootstrap (default: --host)",
+    )
+    parser.add_argument(
         "--tiers", default=",".join(t.name for t in TIERS), help="the tiers the mesh runs (default: all)"
     )
     parser.add_argument(
@@ -138,12 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tiers = only(*args.tiers.split(","))
         settings = read_settings()
-        config = mesh_config(settings, tiers, (args.host, args.port))
+        config = mesh_config(settings, tiers, (args.address or args.host, args.port))
     except TopologyError as error:
         logger.error("xds: %s", error)
         return 2
     if args.bootstrap:
-        args.bootstrap.write_text(yaml.safe_dump(config.bootstrap, sort_keys=False))
+        args.bootstrap.write_text(yaml.safe_dump(config.bootstrap_naming(args.store), sort_keys=False))
         return 0
     try:
         protos.load()

@@ -56,6 +56,14 @@ class MeshConfig:
     routes: dict[str, dict[str, Any]]
     weighted_tiers: tuple[TierSpec, ...]
 
+    def bootstrap_naming(self, store_url: str) -> dict[str, Any]:
+        """The bootstrap, its node metadata naming the store the weights live in (where `tiermesh
+        traffic` finds it: EnvoyAdmin.weights_store)."""
+        bootstrap = copy.deepcopy(self.bootstrap)
+        if store_url:
+            bootstrap["node"]["metadata"] = {"tiermesh_store": store_url}
+        return bootstrap
+
     def resources(
         self, endpoints: Endpoints, weights: Mapping[str, int], breakers: Mapping[str, int] | None = None
     ) -> dict[str, dict[str, dict]]:
