@@ -4,10 +4,11 @@ and the treatments deployed live (the store)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-import urllib.parse
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,19 +85,24 @@ class RegistryEndpoints:
 
 
 class KubernetesEndpoints:
-    """The tiers' EndpointSlices in one namespace, listed from the Kubernetes API at each read (in
-    a pod: the API's address from the environment, the service account's token and CA)."""
+    """The tiers' EndpointSlices in one namespace, kept current by a watch on the Kubernetes API:
+    listed once, then followed event by event (added, modified, deleted) from the list's
+    resourceVersion, listed again when the watch expired (410 Gone) or failed. In a pod: the API's
+    address from the environment, the service account's token (read at each request: Kubernetes
+    rotates it) and CA. While the API cannot be reached, the last endpoints stay."""
 
     ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+    WATCH_S = 300  # a watch the API server ends after this long; the next one resumes from it
 
     def __init__(
         self, api: str, namespace: str, *, token_file: Path | None = None, ca: str | bool = True
     ) -> None:
-        query = urllib.parse.urlencode({"labelSelector": SELECTOR})
-        self.url = f"{api.rstrip('/')}/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices?{query}"
+        self.url = f"{api.rstrip('/')}/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
         self.token_file = token_file
-        self.client = httpx.AsyncClient(verify=ca, timeout=5)
-        self._last: Endpoints = {}
+        self.client = httpx.AsyncClient(verify=ca, timeout=httpx.Timeout(5, read=self.WATCH_S + 30))
+        self.slices: dict[str, Mapping[str, Any]] = {}  # by name
+        self._version: str | None = None  # where the next watch resumes; None: list first
+        self._following: asyncio.Task | None = None
         self._failing = False
 
     @classmethod
@@ -112,23 +118,69 @@ class KubernetesEndpoints:
         )
 
     async def read(self) -> Endpoints:
-        # the token is read each time: Kubernetes rotates service account tokens
-        headers = (
-            {"Authorization": f"Bearer {self.token_file.read_text().strip()}"} if self.token_file else {}
-        )
+        if self._following is None:
+            await self._step()  # the first read lists, so the first snapshot has the endpoints
+            self._following = asyncio.create_task(self._follow())
+        return endpoints_from_slices(self.slices.values())
+
+    async def _follow(self) -> None:
+        while True:
+            started = time.monotonic()
+            # a failure, or a watch that ended at once (a proxy cutting it): never a tight loop
+            if not await self._step() or time.monotonic() - started < 1.0:
+                await asyncio.sleep(1.0)
+
+    async def _step(self) -> bool:
+        """List (when there is no version to resume from) or watch once; False when it failed."""
         try:
-            response = await self.client.get(self.url, headers=headers)
-            response.raise_for_status()
-            self._last = endpoints_from_slices(response.json().get("items") or [])
+            if self._version is None:
+                self._version = await self._list()
+            else:
+                self._version = await self._watch(self._version)
         except (httpx.HTTPError, OSError, ValueError) as error:
             if not self._failing:
-                logger.warning("xds: cannot list EndpointSlices (%s); keeping the last endpoints", error)
-            self._failing = True
-            return self._last
+                logger.warning("xds: cannot follow EndpointSlices (%s); keeping the last endpoints", error)
+            self._failing, self._version = True, None
+            return False
         if self._failing:
-            logger.info("xds: listing EndpointSlices again")
+            logger.info("xds: following EndpointSlices again")
         self._failing = False
-        return self._last
+        return True
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"} if self.token_file else {}
+
+    async def _list(self) -> str:
+        response = await self.client.get(
+            self.url, params={"labelSelector": SELECTOR}, headers=self._headers()
+        )
+        response.raise_for_status()
+        listed = response.json()
+        self.slices = {item["metadata"]["name"]: item for item in listed.get("items") or []}
+        return str(listed.get("metadata", {}).get("resourceVersion", ""))
+
+    async def _watch(self, version: str) -> str | None:
+        """Apply one watch's events; the version to resume from, or None to list again."""
+        params = {"labelSelector": SELECTOR, "watch": "1", "resourceVersion": version,
+                  "allowWatchBookmarks": "true", "timeoutSeconds": str(self.WATCH_S)}  # fmt: skip
+        async with self.client.stream("GET", self.url, params=params, headers=self._headers()) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, item = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if item.get("code") == 410:  # too old to resume from: list again
+                        return None
+                    raise ValueError(f"watch error {item.get('code')}: {item.get('message')}")
+                version = str(item.get("metadata", {}).get("resourceVersion") or version)
+                name = item.get("metadata", {}).get("name", "")
+                if kind in ("ADDED", "MODIFIED"):
+                    self.slices[name] = item
+                elif kind == "DELETED":
+                    self.slices.pop(name, None)
+        return version
 
 
 @dataclass(frozen=True)
