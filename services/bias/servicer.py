@@ -25,8 +25,9 @@ from tiermesh.bias.v1 import bias_pb2, bias_pb2_grpc
 from tiermesh.common.v1 import common_pb2
 from tiermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from tiermesh.kit import telemetry
+from tiermesh.kit.cancellation import raise_if_cancelled
 from tiermesh.kit.errors import FailedPrecondition, InvalidArgument, Unavailable, check_text, from_downstream
-from tiermesh.kit.hotswap import Follower, ModelSlot, raise_if_cancelled
+from tiermesh.kit.hotswap import Follower, ModelSlot
 from tiermesh.kit.registry import LATEST, ModelVersion, Registry, file_sha256
 from tiermesh.llm.v1 import llm_pb2, llm_pb2_grpc
 

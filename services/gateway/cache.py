@@ -22,7 +22,8 @@ from prometheus_client import Counter
 
 from services.gateway.flow import Question
 from tiermesh.gateway.v1 import gateway_pb2
-from tiermesh.kit.hotswap import CHANNEL_PREFIX, raise_if_cancelled
+from tiermesh.kit.cancellation import raise_if_cancelled
+from tiermesh.kit.hotswap import CHANNEL_PREFIX
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ import logging
 import redis.asyncio as aioredis
 from prometheus_client import Gauge
 
+from tiermesh.kit.cancellation import raise_if_cancelled
+
 logger = logging.getLogger(__name__)
 
 STORE_USED = Gauge("tiermesh_store_used_memory_bytes", "memory the store uses (its INFO used_memory)")
@@ -31,6 +33,7 @@ async def watch_store_memory(store: aioredis.Redis, every_s: float = 15.0) -> No
             memory = await store.info("memory")
         except (aioredis.RedisError, OSError):
             memory = None
+        raise_if_cancelled()  # redis-py may have swallowed a cancellation: stop when asked
         if memory is not None:
             used, cap = int(memory["used_memory"]), int(memory.get("maxmemory", 0))
             STORE_USED.set(used)

@@ -52,3 +52,16 @@ async def test_an_unreachable_store_is_logged_not_raised():
     member.start()
     await member.set_serving(True)  # no store: logged, no exception
     await member.close()
+
+
+async def test_closing_stops_the_refreshes_even_when_cancelled_inside_a_store_call(store_url):
+    """redis-py can swallow a cancellation that lands inside one of its calls: close() must
+    still end the refresh task, or a draining replica never exits."""
+    for _ in range(40):
+        member = Membership(store_url, dict(ENTRY), ttl_s=0.003)  # a refresh every millisecond
+        member.start()
+        await member.set_serving(True)
+        await asyncio.sleep(0.01)
+        closing = asyncio.create_task(member.close())
+        done, _ = await asyncio.wait({closing}, timeout=3)
+        assert done == {closing} and member._task.cancelled(), "close() did not end the refreshes"

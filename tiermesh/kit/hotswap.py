@@ -25,6 +25,7 @@ import redis
 import redis.asyncio as aioredis
 
 from tiermesh.kit import metrics
+from tiermesh.kit.cancellation import raise_if_cancelled
 from tiermesh.kit.errors import InvalidArgument, Unavailable
 from tiermesh.kit.registry import ModelVersion, Registry, RegistryError
 
@@ -64,18 +65,6 @@ def announce_latest(store_url: str | None, version: ModelVersion, progress: Call
         )
         return
     progress(f"{version.name}: latest -> {version.version}; announced to {listeners} replica(s)")
-
-
-def raise_if_cancelled() -> None:
-    """Re-raise a cancellation of this task that a library call swallowed.
-
-    redis-py can absorb the CancelledError of a task cancelled inside one of its calls (returning
-    normally or raising a connection error); a loop around such calls would then never stop.
-    Call this after each one: `Task.cancelling()` still counts the request.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class Loaded(Protocol):

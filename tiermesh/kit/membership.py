@@ -13,7 +13,6 @@ serving and logs it once; its key comes back with the store.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from tiermesh.kit.cancellation import raise_if_cancelled
 from tiermesh.kit.config import setting
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,7 @@ class Membership:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})  # its end, not its CancelledError
         await self._delete()
         await self.client.aclose()
 
@@ -104,10 +103,12 @@ class Membership:
         try:
             await command
         except (aioredis.RedisError, OSError) as error:
+            raise_if_cancelled()
             if not self._failing:
                 logger.warning("registry: cannot reach the store (%s); still serving, retrying", error)
             self._failing = True
             return
+        raise_if_cancelled()  # redis-py may have swallowed a cancellation: stop when asked
         if self._failing:
             logger.info("registry: %s registered again", self.key)
         self._failing = False

@@ -45,3 +45,18 @@ async def test_a_store_outage_only_skips_readings():
     client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     await readings(client)  # no exception escapes the watcher while the store is away
     await client.aclose()
+
+
+async def test_the_watcher_stops_when_cancelled_inside_a_store_call(store_url):
+    """redis-py can swallow a cancellation that lands inside one of its calls; the watcher must
+    stop anyway, or whoever awaits it (a test, a shutdown) waits forever."""
+    client = aioredis.Redis.from_url(store_url)
+    try:
+        for _ in range(150):
+            watcher = asyncio.create_task(watch_store_memory(client, every_s=0.0005))
+            await asyncio.sleep(0.004)
+            watcher.cancel()
+            done, _ = await asyncio.wait({watcher}, timeout=2)
+            assert done == {watcher} and watcher.cancelled()
+    finally:
+        await client.aclose()

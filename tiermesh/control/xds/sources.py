@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from tiermesh.control.kubernetes import SELECTOR, endpoints_from_slices
 from tiermesh.control.xds.resources import Endpoints
+from tiermesh.kit.cancellation import raise_if_cancelled
 from tiermesh.kit.membership import REPLICA_KEY_PREFIX
 from tiermesh.kit.topology import DEPLOYMENTS_KEY, WEIGHTS_KEY, TopologyError, cluster_name, tier_named
 
@@ -64,6 +65,7 @@ class RegistryEndpoints:
             keys = [key async for key in self.client.scan_iter(match=f"{REPLICA_KEY_PREFIX}*", count=1000)]
             values = await self.client.mget(keys) if keys else []
         except (aioredis.RedisError, OSError) as error:
+            raise_if_cancelled()
             if not self._down:
                 logger.warning("xds: cannot read the registry (%s); keeping the last endpoints", error)
             self._down = True
@@ -207,6 +209,7 @@ class StoreState:
                     await pipe.hgetall(WEIGHTS_KEY).hgetall(DEPLOYMENTS_KEY).execute()
                 )
         except (aioredis.RedisError, OSError) as error:
+            raise_if_cancelled()
             if not self._down:
                 logger.warning(
                     "xds: cannot read the store (%s); keeping the last weights and deployments", error
