@@ -45,9 +45,9 @@ from bench.chaos import fault_row, kill, search_load
 from bench.common import host, log, write_json
 from tiermesh.control.deploy import deploy, remove
 from tiermesh.control.scale import scale
-from tiermesh.control.testing import can_make_hosts, network_hosts, running_mesh
+from tiermesh.control.testing import can_make_hosts, cut_off, running_mesh, spread_mesh
 from tiermesh.control.traffic import EnvoyAdmin, set_treatment, split_of
-from tiermesh.kit.membership import REPLICA_KEY_PREFIX
+from tiermesh.kit.membership import replica_key
 from tiermesh.kit.topology import only, tier_named
 
 DEFAULT_OUT = Path("bench/results/scale.json")
@@ -191,43 +191,32 @@ def treatment_live(mesh: Any, status: dict[str, Any], steady_s: float) -> list[d
 
 def host_loss(steady_s: float) -> dict[str, Any]:
     """A host cut off under 8 clients of Search (part 4)."""
-    import subprocess
-
     import redis
 
-    with network_hosts(2) as (hub, hosts):
-        (first, first_address), (second, second_address) = hosts.items()
-        settings = {
-            "MESH_ADDRESS": hub,
-            "MESH_HOSTS": f"{first}={first_address},{second}={second_address}",
-            "MESH_HOST_EXEC": "ip netns exec {name}",
-            "EMBEDDER_PLACEMENT": first,
-            "RETRIEVER_REPLICAS": "2",
-            "RETRIEVER_PLACEMENT": f"{first},{second}",
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-scale-") as home,
+        spread_mesh(Path(home)) as (_mesh, status, hosts),
+    ):
+        second = list(hosts)[1]
+        lost = status["retriever-2"]["grpc"]
+        store = redis.Redis.from_url(status["store"]["url"])
+        key = replica_key("retriever", "control", lost)
+        recorder = search_load(status["envoy"]["grpc"]).start()
+        time.sleep(steady_s)
+        cut_off(second)
+        cut = time.monotonic()
+        while store.exists(key) and time.monotonic() - cut < 60:
+            time.sleep(0.05)
+        out_of_registry = time.monotonic() - cut
+        out_of_envoy = left_envoy_s(status["envoy"]["admin"], lost, cut)
+        time.sleep(steady_s)
+        recorder.stop()
+        row = {
+            "registry_s": out_of_registry,
+            "envoy_s": out_of_envoy,
+            "before": recorder.window(cut - steady_s, cut),
+            "after_cut": recorder.window(cut, time.monotonic()),
         }
-        with (
-            tempfile.TemporaryDirectory(prefix="bench-scale-") as home,
-            running_mesh(Path(home), tiers=TIERS, **settings) as (_mesh, status),
-        ):
-            lost = status["retriever-2"]["grpc"]
-            store = redis.Redis.from_url(status["store"]["url"])
-            key = f"{REPLICA_KEY_PREFIX}retriever:control:{lost}"
-            recorder = search_load(status["envoy"]["grpc"]).start()
-            time.sleep(steady_s)
-            subprocess.run(["ip", "link", "set", f"{second}-v", "down"], check=True)
-            cut = time.monotonic()
-            while store.exists(key) and time.monotonic() - cut < 60:
-                time.sleep(0.05)
-            out_of_registry = time.monotonic() - cut
-            out_of_envoy = left_envoy_s(status["envoy"]["admin"], lost, cut)
-            time.sleep(steady_s)
-            recorder.stop()
-            row = {
-                "registry_s": out_of_registry,
-                "envoy_s": out_of_envoy,
-                "before": recorder.window(cut - steady_s, cut),
-                "after_cut": recorder.window(cut, time.monotonic()),
-            }
     log(f"host lost: {row['after_cut']['failed']} failed of {row['after_cut']['calls']} calls after the cut")
     return row
 

@@ -6,7 +6,6 @@ off the network leaves Envoy's pool with no failed Search (idempotent: retried e
 
 import json
 import re
-import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -16,9 +15,9 @@ import redis
 
 from tests.integration.load import Load, calls_to, search
 from tiermesh.control.scale import scale
-from tiermesh.control.testing import can_make_hosts, network_hosts, running_mesh
+from tiermesh.control.testing import can_make_hosts, cut_off, spread_mesh
 from tiermesh.kit.membership import REPLICA_KEY_PREFIX
-from tiermesh.kit.topology import only, tier_named
+from tiermesh.kit.topology import tier_named
 
 pytestmark = [
     pytest.mark.integration,
@@ -29,19 +28,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def spread(tmp_path_factory, embedding_model, knowledge_index):
-    with network_hosts(2) as (hub, hosts):
-        (first, first_address), (second, second_address) = hosts.items()
-        settings = {
-            "MESH_ADDRESS": hub,
-            "MESH_HOSTS": f"{first}={first_address},{second}={second_address}",
-            "MESH_HOST_EXEC": "ip netns exec {name}",
-            "EMBEDDER_PLACEMENT": first,
-            "RETRIEVER_REPLICAS": "2",
-            "RETRIEVER_PLACEMENT": f"{first},{second}",
-        }
-        home = tmp_path_factory.mktemp("multihost")
-        with running_mesh(home, tiers=only("embedder", "retriever"), **settings) as (mesh, status):
-            yield mesh, status, hosts
+    with spread_mesh(tmp_path_factory.mktemp("multihost")) as running:
+        yield running
 
 
 def envoy_hosts(admin: str, cluster: str) -> set[str]:
@@ -105,7 +93,7 @@ def test_a_host_cut_off_leaves_envoy_and_no_search_fails(spread):
     assert lost and all(a.startswith(f"{address}:") for a in lost)
     with Load(status["envoy"]["grpc"], search, clients=6) as load:
         time.sleep(1.0)
-        subprocess.run(["ip", "link", "set", f"{name}-v", "down"], check=True)  # silence, no reset
+        cut_off(name)  # silence, no reset
         cut = time.monotonic()
         # its entries expire from the registry (no refresh gets through), so the control plane
         # drops its endpoints; Envoy's health checks fail meanwhile

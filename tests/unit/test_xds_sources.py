@@ -95,6 +95,7 @@ async def test_endpointslices_are_listed_then_watched_with_the_token_and_selecto
     relisted = lambda: endpoints_from_slices(source.slices.values()).get("retriever")  # noqa: E731
     await eventually(lambda: relisted() == endpoints["retriever"], "a new list")
     assert [q for q, _ in FakeApi.seen if not q.get("watch")][1:], "listed once more"
+    await source.close()
 
 
 async def test_an_unreachable_api_keeps_the_last_endpoints(api):
@@ -104,17 +105,23 @@ async def test_an_unreachable_api_keeps_the_last_endpoints(api):
     FakeApi.events = [{"type": "DELETED", "object": recorded("retriever-m5vdt")}]
     await asyncio.sleep(1.5)
     assert await source.read() == endpoints
+    await source.close()
 
 
 def test_registry_entries_become_each_arms_cluster_and_bad_ones_are_left_out():
-    entries = [
-        {"tier": "retriever", "arm": "control", "grpc": "10.0.0.11:7001"},
-        {"tier": "gateway", "arm": "treatment", "grpc": "10.0.0.12:7101", "http": "10.0.0.12:7102"},
-        {"tier": "retriever", "arm": "control", "grpc": "no-port"},
-        {"tier": "no-such-tier", "grpc": "10.0.0.13:1"},
-    ]
-    assert endpoints_of(entries, "test") == {
+    entries = {
+        "r1": {"tier": "retriever", "arm": "control", "grpc": "10.0.0.11:7001"},
+        "g1": {"tier": "gateway", "arm": "treatment", "grpc": "10.0.0.12:7101", "http": "10.0.0.12:7102"},
+        "r2": {"tier": "retriever", "arm": "control", "grpc": "no-port"},
+        "x1": {"tier": "no-such-tier", "grpc": "10.0.0.13:1"},
+        "n1": 42,  # valid JSON, not an entry: left out, it does not stop the others
+        "n2": None,  # not JSON at all
+    }
+    endpoints, problems = endpoints_of(entries)
+    assert endpoints == {
         "retriever": [("10.0.0.11", 7001)],
         "gateway_treatment": [("10.0.0.12", 7101)],
         "gateway_treatment_rest": [("10.0.0.12", 7102)],
     }
+    assert {problem.split(":")[0] for problem in problems} == {"r2", "x1", "n1", "n2"}
+    assert any("'no-port' is not host:port" in problem for problem in problems)

@@ -17,7 +17,7 @@ from tiermesh.control.probes import grpc_health, store_ping
 from tiermesh.control.runner import Mesh
 from tiermesh.kit.registry import models_root
 from tiermesh.kit.testing import free_port, free_ports
-from tiermesh.kit.topology import ARMS, TIERS, TierSpec, arm_prefix, read_settings, replicas
+from tiermesh.kit.topology import ARMS, TIERS, TierSpec, arm_prefix, read_settings, replicas, tier_named
 
 
 def mesh_environ(home: Path, **overrides: str) -> dict[str, str]:
@@ -128,8 +128,8 @@ def can_make_hosts() -> str:
 @contextlib.contextmanager
 def network_hosts(count: int) -> Iterator[tuple[str, dict[str, str]]]:
     """`count` hosts on this machine: network namespaces, each with a veth on one bridge (a LAN).
-    Yields this host's address on the bridge and {namespace name: its address}; `ip link set
-    <name>-v down` cuts a host off. Everything is removed on exit."""
+    Yields this host's address on the bridge and {namespace name: its address}; `cut_off` silences
+    a host. Everything is removed on exit."""
     tag = f"tm{os.getpid() % 100_000}"
     subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
     bridge, hub = f"{tag}br", f"{subnet}.1"
@@ -156,3 +156,29 @@ def network_hosts(count: int) -> Iterator[tuple[str, dict[str, str]]]:
             subprocess.run(["ip", "link", "del", f"{name}-v"], capture_output=True)
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def cut_off(host: str) -> None:
+    """Take a `network_hosts` host off the network: its processes run on, nothing reaches them
+    and nothing answers (no reset), as when a machine or its link dies."""
+    subprocess.run(["ip", "link", "set", f"{host}-v", "down"], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def spread_mesh(home: Path) -> Iterator[tuple[Mesh, dict[str, Any], dict[str, str]]]:
+    """The embedder and two retriever replicas across two hosts (`network_hosts`): the embedder and
+    the first replica on the first, the second replica on the second; Envoy, the control plane and
+    the store on this host's bridge address. Yields the mesh, its status and {host: address}."""
+    with network_hosts(2) as (hub, hosts):
+        first, second = hosts
+        settings = {
+            "MESH_ADDRESS": hub,
+            "MESH_HOSTS": ",".join(f"{name}={address}" for name, address in hosts.items()),
+            "MESH_HOST_EXEC": "ip netns exec {name}",
+            "EMBEDDER_PLACEMENT": first,
+            "RETRIEVER_REPLICAS": "2",
+            "RETRIEVER_PLACEMENT": f"{first},{second}",
+        }
+        embedder, retriever = tier_named("embedder"), tier_named("retriever")
+        with running_mesh(home, tiers=(embedder, retriever), **settings) as (mesh, status):
+            yield mesh, status, hosts

@@ -77,27 +77,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+async def refresh(
+    live: LiveConfig,
+    snapshots: Snapshots,
+    endpoints: EndpointSource,
+    store: StoreState | None,
+    state: LiveState,
+) -> LiveState:
+    """Read the replicas, weights and deployments once and push what changed; returns the state read."""
+    if store is not None:
+        state = await store.read(state)
+    changed = snapshots.update(live.resources(await endpoints.read(), state.weights, state.deployments))
+    if changed:
+        logger.info("xds: new %s", ", ".join(t.rsplit(".", 1)[-1] for t in changed))
+    return state
+
+
 async def follow(
-    live: LiveConfig, snapshots: Snapshots, args: argparse.Namespace, endpoints: EndpointSource
+    live: LiveConfig,
+    snapshots: Snapshots,
+    endpoints: EndpointSource,
+    store: StoreState | None,
+    state: LiveState,
+    args: argparse.Namespace,
 ) -> None:
-    """Re-read the replicas, weights and deployments, push what changed, keep the status file current."""
-    store = StoreState(args.store) if args.store else None
-    state = LiveState()
+    """Refresh every `--interval` seconds and keep the status file current."""
     while True:
+        await asyncio.sleep(args.interval)
         try:
-            if store is not None:
-                state = await store.read(state)
-            resources = live.resources(await endpoints.read(), state.weights, state.deployments)
-            changed = snapshots.update(resources)
-            if changed:
-                logger.info("xds: new %s", ", ".join(t.rsplit(".", 1)[-1] for t in changed))
+            state = await refresh(live, snapshots, endpoints, store, state)
             if args.status:
                 write_status(args.status, snapshots)
         except Exception as error:  # Envoy keeps the last good snapshot; keep following
             logger.error(
                 "xds: could not build a new snapshot (%r); serving the last one", error, exc_info=error
             )
-        await asyncio.sleep(args.interval)
 
 
 def write_status(path: Path, snapshots: Snapshots) -> None:
@@ -118,11 +132,11 @@ def write_status(path: Path, snapshots: Snapshots) -> None:
 async def serve(args: argparse.Namespace, live: LiveConfig, endpoints: EndpointSource) -> None:
     snapshots = Snapshots()
     store = StoreState(args.store) if args.store else None
-    state = await store.read(LiveState()) if store is not None else LiveState()
-    snapshots.update(live.resources(await endpoints.read(), state.weights, state.deployments))
+    # the first snapshot is built before the port opens
+    state = await refresh(live, snapshots, endpoints, store, LiveState())
     server = grpc.aio.server()
     AggregatedDiscovery(snapshots).register(server)
-    # SERVING (the empty service) from the start: the first snapshot is built before the port opens
+    # SERVING (the empty service) from the start: there is a snapshot to serve
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
@@ -131,7 +145,7 @@ async def serve(args: argparse.Namespace, live: LiveConfig, endpoints: EndpointS
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    following = asyncio.create_task(follow(live, snapshots, args, endpoints))
+    following = asyncio.create_task(follow(live, snapshots, endpoints, store, state, args))
     await stop.wait()
     following.cancel()
     await server.stop(grace=1.0)

@@ -111,11 +111,6 @@ def mesh_config(
     return MeshConfig(static, clusters, routes, weighted)
 
 
-def live_settings(settings: Mapping[str, str], deployments: Mapping[str, str]) -> dict[str, str]:
-    """The settings to render from: the mesh's, with the treatments deployed or removed live."""
-    return with_deployments(settings, deployments)
-
-
 def breaker_limits(
     settings: Mapping[str, str], tiers: tuple[TierSpec, ...], endpoints: Endpoints
 ) -> dict[str, int]:
@@ -147,7 +142,7 @@ class LiveConfig:
     def resources(
         self, endpoints: Endpoints, weights: Mapping[str, int], deployments: Mapping[str, str]
     ) -> dict[str, dict[str, dict]]:
-        live = live_settings(self.settings, deployments)
+        live = with_deployments(self.settings, deployments)  # treatments deployed or removed live
         if self._rendered is None or self._rendered[0] != live:
             self._rendered = (live, mesh_config(live, self.tiers, self.xds_address))
         breakers = breaker_limits(live, self.tiers, endpoints)

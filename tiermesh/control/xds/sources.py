@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,33 +32,39 @@ class EndpointSource(Protocol):
         ...
 
 
-def endpoints_of(entries: Iterable[Mapping[str, Any]], origin: str) -> Endpoints:
-    """Replica entries (a tier, an arm, a gRPC address and, for the gateway, a REST address) as
-    each cluster's endpoints; an address that is not host:port is left out with a warning."""
+def endpoints_of(entries: Mapping[str, Any]) -> tuple[Endpoints, set[str]]:
+    """Registry entries by key (a tier, an arm, a gRPC address and, for the gateway, a REST
+    address) as each cluster's endpoints, and what was wrong with the entries left out."""
     endpoints: dict[str, list[tuple[str, int]]] = {}
-    for entry in entries:
+    problems = set()
+    for key, entry in entries.items():
+        if not isinstance(entry, dict):
+            problems.add(f"{key}: not a JSON object")
+            continue
         try:
             cluster = cluster_name(tier_named(str(entry.get("tier"))), str(entry.get("arm", "control")))
         except TopologyError as error:
-            logger.warning("xds: %s: %s; left out", origin, error)
+            problems.add(f"{key}: {error}")
             continue
         for kind, suffix in (("grpc", ""), ("http", "_rest")):
             host, _, port = str(entry.get(kind, "")).rpartition(":")
             if host and port.isdigit():
                 endpoints.setdefault(cluster + suffix, []).append((host, int(port)))
             elif entry.get(kind):
-                logger.warning("xds: %s: %s address %r is not host:port; left out", origin, kind, entry[kind])
-    return endpoints
+                problems.add(f"{key}: {kind} address {entry[kind]!r} is not host:port")
+    return endpoints, problems
 
 
 class RegistryEndpoints:
     """The replicas registered in the store (`tiermesh.kit.membership`): one key per SERVING
-    replica, on whatever host it runs, expiring when the replica stops refreshing it."""
+    replica, on whatever host it runs, expiring when the replica stops refreshing it. A bad entry
+    is left out (the others still reach Envoy) and logged once, not at every read."""
 
     def __init__(self, url: str) -> None:
         self.client = aioredis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         self._last: Endpoints = {}
         self._down = False
+        self._reported: set[str] = set()
 
     async def read(self) -> Endpoints:
         try:
@@ -73,16 +79,18 @@ class RegistryEndpoints:
         if self._down:
             logger.info("xds: reading the registry again")
         self._down = False
-        entries = []
+        entries = {}
         for key, value in zip(keys, values, strict=True):
+            if value is None:  # expired between SCAN and MGET
+                continue
             try:
-                entries.append(json.loads(value))
-            except (TypeError, ValueError):  # expired between SCAN and MGET, or not JSON
-                if value is not None:
-                    logger.warning(
-                        "xds: registry entry %s is not JSON; left out", key.decode(errors="replace")
-                    )
-        self._last = endpoints_of(entries, "the registry")
+                entries[key.decode(errors="replace")] = json.loads(value)
+            except ValueError:
+                entries[key.decode(errors="replace")] = None  # reported as not a JSON object
+        self._last, problems = endpoints_of(entries)
+        for problem in sorted(problems - self._reported):
+            logger.warning("xds: registry entry %s; left out", problem)
+        self._reported = problems
         return self._last
 
 
@@ -124,6 +132,13 @@ class KubernetesEndpoints:
             await self._step()  # the first read lists, so the first snapshot has the endpoints
             self._following = asyncio.create_task(self._follow())
         return endpoints_from_slices(self.slices.values())
+
+    async def close(self) -> None:
+        """Stop following and close the API connection."""
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.wait({self._following})
+        await self.client.aclose()
 
     async def _follow(self) -> None:
         while True:
