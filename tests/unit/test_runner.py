@@ -1,3 +1,6 @@
+import time
+from pathlib import Path
+
 import pytest
 
 from tiermesh.control.envoy_config import render_envoy, write_checked
@@ -174,7 +177,14 @@ def test_a_recorded_process_is_alive_until_it_exits_and_a_reused_pid_is_not_it()
         assert _pid_alive({"pid": process.pid, "started": started})
         # the same pid with another start time is another process (the pid was reused)
         assert not _pid_alive({"pid": process.pid, "started": started + 1})
-        # records written before start times were kept fall back to the command-line marker
+        # records written before start times were kept fall back to the command-line marker. Its
+        # flaw, and why start times replaced it: Popen returns (vfork) once the child's exec has
+        # switched memory, before the kernel has set its arguments, so a read at once may find
+        # /proc/<pid>/cmdline empty. Such records are old: read it once the exec has finished.
+        cmdline = Path(f"/proc/{process.pid}/cmdline")
+        deadline = time.monotonic() + 5
+        while b"tiermesh-test-marker" not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert _pid_alive({"pid": process.pid, "marker": "tiermesh-test-marker"})
         assert not _pid_alive({"pid": process.pid, "marker": "something-else"})
     finally:

@@ -114,8 +114,9 @@ def _log_tail(log: str, lines: int = 8) -> str:
 
 def _process(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks since boot) of `pid`, or None when there is none.
-    /proc/<pid>/stat is the kernel's own record: unlike the command line, reading it never touches
-    the process's memory, so it cannot come back empty while the process runs."""
+    The start time is set at fork and never changes. The command line is not a safe identity:
+    Popen returns (vfork) once the child's exec has switched memory, before the kernel has set the
+    new program's arguments, and a read in that window finds /proc/<pid>/cmdline empty."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return fields[0], int(fields[19])
